@@ -1,0 +1,1 @@
+"""The typer app. Each command parses, calls the package API and prints; it does no work itself."""

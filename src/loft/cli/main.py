@@ -1,0 +1,103 @@
+"""Entry point: assembles the command groups and turns LoftError into a message and an exit code.
+
+Heavy imports (torch, transformers, mlflow) happen inside commands so `loft --help` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from loft import __version__
+from loft.core.errors import LoftError, exit_code_for
+
+app = typer.Typer(
+    name="loft",
+    help="loft — Local Fine-Tuning: prepare data, fine-tune, track and evaluate LLMs on your own "
+    "hardware.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"loft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _STATE["debug"] = debug or os.environ.get("LOFT_DEBUG") == "1"
+
+
+def _register() -> None:
+    from loft.cli import data, demo, models, runs, train
+
+    app.add_typer(models.app, name="models")
+    app.add_typer(data.app, name="data")
+    app.add_typer(runs.app, name="runs")
+    train.register(app)
+    runs.register(app)
+    demo.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or (
+        os.environ.get("LOFT_DEBUG") == "1"
+    )
+    try:
+        app(args=argv, standalone_mode=False)
+    except LoftError as e:
+        if debug:
+            raise
+        from loft.cli.output import err_console
+
+        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+        if e.hint:
+            err_console.print(e.hint, highlight=False, markup=False)
+        sys.exit(exit_code_for(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and internal failures
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        from loft.cli.output import err_console
+
+        err_console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+            "Run again with --debug for the traceback, and report it if it persists.",
+            highlight=False,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

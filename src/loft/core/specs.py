@@ -1,0 +1,98 @@
+"""The typed config schema. Defaults live here and nowhere else.
+
+Key names are a contract: scripts outside the repo write them (see the training config in README).
+Unknown keys are rejected; every problem is reported at once by ``loft.core.config``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
+
+
+class Method(str, Enum):
+    full = "full"
+    lora = "lora"
+    dora = "dora"
+    qlora = "qlora"
+
+
+DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "completion", "preference"]
+
+
+class DataSpec(Strict):
+    train: str = Field(description="Path to the training file (jsonl, json, csv, parquet).")
+    eval: str | None = Field(None, description="Optional held-out file; else eval_fraction of train.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    format: DataFormat = "auto"
+    column_map: dict[str, str] = Field(default_factory=dict, description="file column -> loft field")
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576)
+    packing: bool = True
+    train_on_inputs: bool = False
+    skip_invalid: bool = False
+    dedup: bool = True
+    near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    pii: Literal["report", "redact", "off"] = "report"
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class TrainingSpec(Strict):
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2.0e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    save_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(50, ge=1)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class TrackingSpec(Strict):
+    uri: str | None = None
+    experiment: str = "default"
+
+
+class TrainConfig(Strict):
+    base_model: str = "smollm2-135m-instruct"
+    method: Method = Method.lora
+    data: DataSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output_dir: str | None = None
+    run_name: str | None = None
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> TrainConfig:
+        if self.data.format == "preference":
+            raise ValueError(
+                "data.format 'preference' is for preference training (DPO), not supervised "
+                "fine-tuning; use chat, sharegpt, alpaca or completion"
+            )
+        return self
