@@ -18,7 +18,9 @@ PATH_KEYS = (("data", "train"), ("data", "eval"), ("output_dir",))
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", hint="Check the path, or see examples/.")
+        raise ConfigError(
+            f"config file not found: {path}", hint="Check the path, or see examples/."
+        )
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.MarkedYAMLError as e:

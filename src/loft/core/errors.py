@@ -1,4 +1,4 @@
-"""One family of errors a user can act on, and one table from error class to exit code / HTTP status.
+"""One family of errors a user can act on; one table maps each class to exit code and HTTP status.
 
 Every message says what was found, where (file:line, key path, record index) and what to do next.
 """

@@ -6,7 +6,7 @@ Unknown keys are rejected; every problem is reported at once by ``loft.core.conf
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,7 +16,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=True)
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     full = "full"
     lora = "lora"
     dora = "dora"
@@ -28,10 +28,14 @@ DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "completion", "prefer
 
 class DataSpec(Strict):
     train: str = Field(description="Path to the training file (jsonl, json, csv, parquet).")
-    eval: str | None = Field(None, description="Optional held-out file; else eval_fraction of train.")
+    eval: str | None = Field(
+        None, description="Optional held-out file; else eval_fraction of train."
+    )
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     format: DataFormat = "auto"
-    column_map: dict[str, str] = Field(default_factory=dict, description="file column -> loft field")
+    column_map: dict[str, str] = Field(
+        default_factory=dict, description="file column -> loft field"
+    )
     max_seq_len: int = Field(1024, ge=16, le=1_048_576)
     packing: bool = True
     train_on_inputs: bool = False

@@ -1,0 +1,7 @@
+"""loft demo (being written)."""
+
+import typer
+
+
+def register(root: typer.Typer) -> None:
+    pass

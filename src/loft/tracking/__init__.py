@@ -1,0 +1,36 @@
+"""Experiment tracking: the Tracker protocol the trainer sees, a null tracker, the MLflow tracker.
+
+Importing this package is cheap; mlflow is imported only when a store is first used.
+"""
+
+from loft.tracking.base import NullTracker, Tracker
+from loft.tracking.mlflow_tracker import (
+    MlflowTracker,
+    artifact_root,
+    default_tracking_uri,
+    get_or_create_experiment,
+    metric_history,
+    mlflow_client,
+    open_tracker,
+    resolve_tracking_uri,
+    system_tags,
+    ui_command,
+)
+from loft.tracking.runs import list_runs, show_run
+
+__all__ = [
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "artifact_root",
+    "default_tracking_uri",
+    "get_or_create_experiment",
+    "list_runs",
+    "metric_history",
+    "mlflow_client",
+    "open_tracker",
+    "resolve_tracking_uri",
+    "show_run",
+    "system_tags",
+    "ui_command",
+]

@@ -1,0 +1,370 @@
+"""Supervised fine-tuning: full, LoRA, DoRA, QLoRA. Reads top to bottom.
+
+Built on transformers (model, schedulers), PEFT (adapters) and our own step loop. The loop is the
+part we own because the stock TRL/Trainer path is slow on this class of hardware: it pads, projects
+every position through the LM head and cannot resume bit-for-bit. Measured on a 2-core CPU with
+SmolLM2-135M (bench/train_throughput.py): see the README's performance section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loft import __version__
+from loft.core.config import flatten
+from loft.core.errors import LoftError, TrainingInterrupted
+from loft.core.paths import atomic_dir, atomic_write_json, runs_dir
+from loft.core.specs import TrainConfig
+from loft.data.packing import collate, count_label_tokens
+from loft.train import rundir
+from loft.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from loft.train.device import Placement, peak_memory_bytes, plan_placement
+from loft.train.loss import loss_sum
+from loft.train.model_setup import build_model, count_params
+from loft.train.progress import TrainProgress
+from loft.train.signals import GracefulStop
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.summary["output_path"])
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which examples each optimizer step sees: a pure function of (seed, epoch, step)."""
+
+    n_examples: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    total_steps: int
+
+    @property
+    def per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_examples / self.per_step)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = _epoch_order(self.n_examples, self.seed, epoch)
+        idx = order[k * self.per_step : (k + 1) * self.per_step]
+        mbs = self.micro_batch_size
+        return [idx[i : i + mbs] for i in range(0, len(idx), mbs)]
+
+
+_ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _ORDER_CACHE:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _ORDER_CACHE[key] = torch.randperm(n, generator=g).tolist()
+    return _ORDER_CACHE[key]
+
+
+def make_plan(config: TrainConfig, n_examples: int) -> StepPlan:
+    t = config.training
+    per_epoch = math.ceil(n_examples / (t.micro_batch_size * t.grad_accum))
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    return StepPlan(n_examples, t.micro_batch_size, t.grad_accum, t.seed, total)
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: bool = True, tracker: Any = None
+) -> RunResult:
+    """Run one fine-tune end to end and return its run directory and summary."""
+    started = time.time()
+    placement = plan_placement(config)  # refuses impossible configs before anything is loaded
+    run_dir = rundir.find_resume_dir(config) if resume else _new_run_dir(config)
+    run_id = run_dir.name
+    rundir.write_resolved(run_dir, config)
+    summary = {**rundir.read_summary(run_dir), "run_id": run_id, "status": "running"}
+    summary.update(method=config.method, base_model=config.base_model, run_dir=str(run_dir))
+    rundir.write_summary(run_dir, summary)
+
+    from loft.data import prepare_dataset
+    from loft.models import load_tokenizer, resolve_model
+
+    info = resolve_model(config.base_model)
+    tokenizer = load_tokenizer(info)
+    dataset = prepare_dataset(config.data, tokenizer, progress=progress)
+    train_rows = _rows(dataset.train)
+    eval_rows = _rows(dataset.eval) if dataset.eval is not None else []
+    if not train_rows:
+        raise LoftError(f"no trainable examples left in {config.data.train} after preparation.")
+
+    torch.manual_seed(config.training.seed)
+    model = build_model(config, info, placement)
+    trainable, total = count_params(model)
+    plan = make_plan(config, len(train_rows))
+    optimizer, scheduler = _optimizer(config, model, plan.total_steps)
+
+    if tracker is None:
+        tracker = _open_tracker(config, run_id, summary.get("mlflow_run_id"))
+    summary.update(
+        mlflow_run_id=tracker.run_id,
+        dataset_fingerprint=dataset.fingerprint,
+        trainable_params=trainable,
+        total_params=total,
+        placement=placement.describe(),
+    )
+    state = {"train_tokens": 0, "recent_losses": [], "eval_loss": None, "train_s": 0.0}
+    start_step = 0
+    if resume and (ckpts := checkpoint_dirs(run_dir)):
+        ck = load_checkpoint(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+        start_step, state = ck.step, {**state, **ck.state}
+    else:
+        tracker.log_params({**flatten(config.model_dump(mode="json")), **_data_params(dataset)})
+    rundir.write_summary(run_dir, summary)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loop = _Loop(config, model, optimizer, scheduler, plan, placement, pad_id, tracker)
+    bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
+    bar.note(
+        f"run {run_id}: {config.method} on {info.name} ({trainable:,} of {total:,} params "
+        f"trainable), {len(train_rows):,} examples, {plan.total_steps} steps, "
+        f"{placement.describe()}"
+    )
+    status = "failed"
+    try:
+        with GracefulStop() as stop:
+            loop.run(train_rows, eval_rows, start_step, state, run_dir, bar, stop)
+        status = "completed"
+    except TrainingInterrupted:
+        status = "interrupted"
+        raise
+    finally:
+        bar.close()
+        summary.update(_summary_metrics(state, loop, placement, started))
+        summary["status"] = status
+        if status == "completed":
+            metrics = {
+                "final_train_loss": summary["final_train_loss"],
+                "eval_loss": state["eval_loss"],
+            }
+            summary["output_path"] = str(
+                _save_output(config, model, tokenizer, run_dir, info, dataset, metrics)
+            )
+        rundir.write_summary(run_dir, summary)
+        _finish_tracker(tracker, run_dir, dataset, status)
+    return RunResult(run_dir=run_dir, summary=summary)
+
+
+class _Loop:
+    def __init__(self, config, model, optimizer, scheduler, plan, placement, pad_id, tracker):
+        self.config, self.model, self.opt, self.sched = config, model, optimizer, scheduler
+        self.plan, self.placement, self.pad_id, self.tracker = plan, placement, pad_id, tracker
+        self.session_tokens = 0
+        self.session_s = 0.0
+
+    def _autocast(self):
+        if self.placement.autocast_bf16:
+            return torch.autocast(self.placement.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batch(self, rows: list[dict], idx: list[int]) -> dict[str, Any]:
+        b = collate(
+            [rows[i] for i in idx], packing=self.config.data.packing, pad_token_id=self.pad_id
+        )
+        dev = self.placement.device
+        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+
+    def step(self, rows: list[dict], step: int) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches; the loss is averaged over all of
+        the step's label tokens, so micro-batching does not change the gradient."""
+        batches = [self._batch(rows, mb) for mb in self.plan.micro_batches(step)]
+        n_total = sum(count_label_tokens(b) for b in batches)
+        total_loss = 0.0
+        for b in batches:
+            with self._autocast():
+                ls, _ = loss_sum(self.model, b)
+            (ls / max(n_total, 1)).backward()
+            total_loss += float(ls.detach())
+        clip = self.config.training.max_grad_norm
+        if clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], clip
+            )
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total_loss / max(n_total, 1), sum(b["num_tokens"] for b in batches)
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict]) -> float | None:
+        if not rows:
+            return None
+        self.model.eval()
+        mbs = self.config.training.micro_batch_size
+        total, n = 0.0, 0
+        for i in range(0, len(rows), mbs):
+            with self._autocast():
+                ls, k = loss_sum(
+                    self.model, self._batch(rows, list(range(i, min(i + mbs, len(rows)))))
+                )
+            total, n = total + float(ls), n + k
+        self.model.train()
+        return total / max(n, 1)
+
+    def run(self, rows, eval_rows, start_step, state, run_dir, bar, stop) -> None:
+        t = self.config.training
+        total = self.plan.total_steps
+        recent = deque(state["recent_losses"], maxlen=10)
+        self.model.train()
+        for step in range(start_step, total):
+            if stop.requested:
+                self._save(run_dir, step, state, recent)
+                raise TrainingInterrupted(
+                    f"{stop.requested}: stopped at step {step}/{total}; checkpoint saved in "
+                    f"{run_dir / 'checkpoints'}.",
+                    hint="Continue with the same command plus --resume.",
+                )
+            t0 = time.perf_counter()
+            loss, ntok = self.step(rows, step)
+            dt = time.perf_counter() - t0
+            self.session_tokens += ntok
+            self.session_s += dt
+            state["train_tokens"] += ntok
+            state["train_s"] += dt
+            recent.append(loss)
+            done = step + 1
+            tok_s = self.session_tokens / max(self.session_s, 1e-9)
+            lr = self.sched.get_last_lr()[0]
+            metrics = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s}
+            if eval_rows and (done % t.eval_every == 0 or done == total):
+                state["eval_loss"] = self.evaluate(eval_rows)
+                metrics["eval/loss"] = state["eval_loss"]
+                bar.note(f"step {done}: eval loss {state['eval_loss']:.4f}")
+            self.tracker.log_metrics(metrics, step=done)
+            eta = (total - done) * self.session_s / max(done - start_step, 1)
+            bar.update(done, loss, tok_s, lr, eta)
+            if done % t.save_every == 0 and done < total:
+                self._save(run_dir, done, state, recent)
+        state["recent_losses"] = list(recent)
+
+    def _save(self, run_dir: Path, step: int, state: dict, recent: deque) -> None:
+        state["recent_losses"] = list(recent)
+        save_checkpoint(
+            run_dir,
+            step=step,
+            model=self.model,
+            optimizer=self.opt,
+            scheduler=self.sched,
+            state=state,
+            keep=self.config.training.keep_checkpoints,
+        )
+
+
+def _rows(ds: Any) -> list[dict]:
+    cols = ds.select_columns(["input_ids", "labels"])
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in cols]
+
+
+def _optimizer(config: TrainConfig, model: torch.nn.Module, total_steps: int):
+    from transformers import get_scheduler
+
+    t = config.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    warmup = int(round(t.warmup_ratio * total_steps))
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return opt, sched
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    if config.output_dir:
+        run_dir = Path(config.output_dir)
+        if (run_dir / rundir.RESOLVED).exists():
+            from loft.core.errors import ConfigError
+
+            raise ConfigError(
+                f"output_dir {run_dir} already holds a run.",
+                hint="Pass --resume to continue it, or choose another output_dir.",
+            )
+    else:
+        run_dir = runs_dir() / (config.run_name or rundir.new_run_id())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _open_tracker(config: TrainConfig, run_id: str, mlflow_run_id: str | None):
+    from loft.tracking import open_tracker
+
+    tags = {"loft.run_id": run_id, "loft.method": str(config.method), "loft.version": __version__}
+    return open_tracker(config.tracking, run_name=run_id, tags=tags, resume_run_id=mlflow_run_id)
+
+
+def _data_params(dataset: Any) -> dict[str, Any]:
+    r = dataset.report
+    keep = (
+        "format",
+        "records",
+        "train_records",
+        "eval_records",
+        "exact_dups",
+        "near_dups",
+        "truncated",
+    )
+    return {
+        "dataset.fingerprint": dataset.fingerprint,
+        **{f"dataset.{k}": r[k] for k in keep if k in r},
+    }
+
+
+def _summary_metrics(state: dict, loop: _Loop, placement: Placement, started: float) -> dict:
+    recent = state.get("recent_losses") or []
+    return {
+        "train_tokens": state["train_tokens"],
+        "steps": loop.sched.last_epoch if hasattr(loop.sched, "last_epoch") else None,
+        "wall_s": round(time.time() - started, 2),
+        "train_s": round(state["train_s"], 2),
+        "tokens_per_s": round(loop.session_tokens / max(loop.session_s, 1e-9), 2),
+        "peak_mem_bytes": peak_memory_bytes(placement.device),
+        "final_train_loss": round(sum(recent) / len(recent), 6) if recent else None,
+        "eval_loss": state.get("eval_loss"),
+        "output_path": None,
+    }
+
+
+def _save_output(config, model, tokenizer, run_dir, info, dataset, metrics) -> Path:
+    """The adapter (or full model) with its tokenizer, chat template and lineage.json."""
+    final = run_dir / ("model" if config.method == "full" else "adapter")
+    with atomic_dir(final, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        lineage = rundir.lineage(config=config, model_info=info, dataset=dataset, metrics=metrics)
+        atomic_write_json(tmp / "lineage.json", lineage)
+    return final
+
+
+def _finish_tracker(tracker: Any, run_dir: Path, dataset: Any, status: str) -> None:
+    for name in (rundir.RESOLVED, rundir.SUMMARY):
+        tracker.log_artifact(run_dir / name)
+    report = Path(dataset.path) / "report.json"
+    if report.is_file():
+        tracker.log_artifact(report, "data")
+    lineage = run_dir / "adapter" / "lineage.json"
+    if not lineage.is_file():
+        lineage = run_dir / "model" / "lineage.json"
+    if lineage.is_file():
+        tracker.log_artifact(lineage)
+    tracker.finish({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))

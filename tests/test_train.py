@@ -1,0 +1,381 @@
+"""Training correctness on a tiny random model: packing, loss invariants, LoRA, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loft.core.config import load_config, validate_config
+from loft.core.errors import ConfigError, HardwareError, TrainingInterrupted
+from loft.data.packing import IGNORE_INDEX, pack_batch, pad_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHATS = [
+    ("What colour is the sky?", "Blue."),
+    ("Name a prime number.", "Seven is prime."),
+    ("Say hello in French.", "Bonjour!"),
+    ("What is 2 + 2?", "It is 4."),
+    ("Capital of Italy?", "Rome."),
+    ("Opposite of hot?", "Cold."),
+    ("Largest planet?", "Jupiter is the largest planet."),
+    ("A fruit that is yellow?", "A banana."),
+    ("How many legs does a spider have?", "Eight."),
+    ("Spell cat backwards.", "tac"),
+    ("What do bees make?", "Honey."),
+    ("Freezing point of water in Celsius?", "Zero degrees."),
+]
+
+
+def write_chat(path: Path, n: int | None = None, repeat: int = 1) -> Path:
+    rows = (CHATS * repeat)[: n or len(CHATS) * repeat]
+    with path.open("w") as f:
+        for i, (q, a) in enumerate(rows):
+            q = q if repeat == 1 else f"{q} (variant {i})"
+            msg = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msg}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, tiny_model: Path, **training) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_chat(tmp_path / "chat.jsonl", repeat=2)
+    return {
+        "base_model": str(tiny_model),
+        "method": "lora",
+        "data": {"train": str(data), "eval_fraction": 0.1, "max_seq_len": 128, "dedup": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "training": {
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "save_every": 2,
+            "eval_every": 3,
+            "precision": "fp32",
+            **training,
+        },
+        "tracking": {"experiment": "tests"},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.unit
+def test_pack_batch_resets_positions_and_masks_boundaries():
+    a = {"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}
+    b = {"input_ids": [4, 5], "labels": [4, 5]}
+    out = pack_batch([a, b])
+    assert out["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # the first token of b must not be predicted from a's last token
+    assert out["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5]]
+    assert out["num_tokens"] == 5
+
+
+def _examples(tokenizer, n=4):
+    from loft.data import tokenize_conversation
+
+    exs = []
+    for q, a in CHATS[:n]:
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        exs.append(tokenize_conversation(msgs, tokenizer, max_seq_len=128))
+    return exs
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from loft.models import load_causal_lm, load_tokenizer, resolve_model
+
+    info = resolve_model(str(tiny_model))
+    torch.manual_seed(0)
+    return load_causal_lm(info).eval(), load_tokenizer(info)
+
+
+@pytest.mark.unit
+def test_packed_rows_do_not_attend_across_examples(tiny):
+    model, tok = tiny
+    exs = _examples(tok, 3)
+    packed = pack_batch(exs)
+    with torch.no_grad():
+        # use_cache=False as in training: with a KV cache transformers does not detect packing
+        out = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        )
+        logits = out.logits[0]
+        start = 0
+        for ex in exs:
+            n = len(ex["input_ids"])
+            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+
+
+@pytest.mark.unit
+def test_packed_loss_equals_padded_loss(tiny):
+    from loft.train.loss import loss_sum
+
+    model, tok = tiny
+    exs = _examples(tok, 4)
+    with torch.no_grad():
+        lp, n_p = loss_sum(model, pack_batch(exs))
+        lq, n_q = loss_sum(model, pad_batch(exs, tok.pad_token_id))
+    assert n_p == n_q > 0
+    assert abs(float(lp) - float(lq)) / float(lq) <= 1e-4
+
+
+@pytest.mark.unit
+def test_loss_sum_matches_transformers_loss(tiny):
+    """Projecting only labelled positions gives the same mean loss as the stock full-logits path."""
+    from loft.train.loss import loss_sum
+
+    model, tok = tiny
+    ex = _examples(tok, 1)[0]
+    ids = torch.tensor([ex["input_ids"]])
+    labels = torch.tensor([ex["labels"]])
+    with torch.no_grad():
+        stock = model(input_ids=ids, labels=labels).loss
+        ours, n = loss_sum(model, {"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(ours / n, stock, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.unit
+def test_grad_accumulation_invariance(tmp_path, tiny_model, loft_home):
+    from loft.train import train
+
+    results = []
+    for mbs, acc in ((8, 1), (4, 2)):
+        cfg = tiny_config(
+            tmp_path / f"{mbs}x{acc}", tiny_model, micro_batch_size=mbs, grad_accum=acc
+        )
+        cfg["lora"]["dropout"] = 0.0
+        cfg["training"]["max_steps"] = 2
+        results.append(train(validate_config(cfg), progress=False).run_dir)
+    a, b = _adapter(results[0]), _adapter(results[1])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_lora_run_writes_outputs_and_leaves_base_unchanged(tmp_path, tiny_model, loft_home):
+    from loft.models import resolve_model
+    from loft.train import train
+
+    before = resolve_model(str(tiny_model)).sha256
+    res = train(validate_config(tiny_config(tmp_path, tiny_model)), progress=False)
+    assert resolve_model(str(tiny_model)).sha256 == before
+    run = res.run_dir
+    assert {p.name for p in (run / "adapter").iterdir()} >= {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lineage.json",
+        "tokenizer.json",
+    }
+    s = json.loads((run / "run_summary.json").read_text())
+    for key in (
+        "run_id", "status", "method", "base_model", "dataset_fingerprint", "train_tokens",
+        "steps", "wall_s", "tokens_per_s", "peak_mem_bytes", "final_train_loss", "eval_loss",
+        "output_path",
+    ):  # fmt: skip
+        assert key in s, key
+    assert s["status"] == "completed" and s["steps"] == 6 and s["train_tokens"] > 0
+    assert s["eval_loss"] is not None
+    lineage = json.loads((run / "adapter" / "lineage.json").read_text())
+    assert lineage["base_model"]["sha256"] == before
+    assert lineage["dataset_fingerprint"] == s["dataset_fingerprint"]
+    assert lineage["config"]["method"] == "lora"
+    assert (run / "resolved.yaml").is_file()
+    # keep_checkpoints=2 of saves at steps 2 and 4
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [
+        "step-00000002",
+        "step-00000004",
+    ]
+    lora = _adapter(run)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("method", ["full", "dora"])
+def test_other_methods_train(tmp_path, tiny_model, loft_home, method):
+    from loft.train import train
+
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2)
+    cfg["method"] = method
+    res = train(validate_config(cfg), progress=False)
+    out = res.run_dir / ("model" if method == "full" else "adapter")
+    assert (out / "lineage.json").is_file()
+    if method == "full":
+        assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.unit
+def test_qlora_refuses_on_cpu_before_loading(tmp_path, tiny_model, loft_home, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import loft.models as models
+    from loft.train import train
+
+    def boom(*a, **k):
+        raise AssertionError("model was loaded")
+
+    monkeypatch.setattr(models, "resolve_model", boom)
+    cfg = tiny_config(tmp_path, tiny_model)
+    cfg["method"] = "qlora"
+    with pytest.raises(HardwareError, match="CUDA"):
+        train(validate_config(cfg), progress=False)
+
+
+@pytest.mark.unit
+def test_resume_refuses_changed_config(tmp_path, tiny_model, loft_home):
+    from loft.train import train
+
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2)
+    train(validate_config(cfg), progress=False)
+    cfg["training"]["lr"] = 5e-4
+    with pytest.raises(ConfigError, match=r"training\.lr"):
+        train(validate_config(cfg), resume=True, progress=False)
+
+
+def _run_cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "loft.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
+
+
+def _write_yaml(path: Path, cfg: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model, loft_home):
+    """Kill -9 mid-run, --resume: final adapter equals an uninterrupted run (max diff <= 1e-6)."""
+    steps = 30
+    ref_cfg = tiny_config(tmp_path / "ref", tiny_model, max_steps=steps, save_every=3)
+    ref = _run_cli(["train", str(_write_yaml(tmp_path / "ref.yaml", ref_cfg)), "-q"])
+    out, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err
+    ref_dir = Path(out.strip().splitlines()[-1])
+
+    cfg = dict(ref_cfg, output_dir=str(tmp_path / "killed"))
+    cfg_path = _write_yaml(tmp_path / "killed.yaml", cfg)
+    # slow the victim down so the kill lands mid-run, after at least one checkpoint
+    proc = _run_cli(["train", str(cfg_path), "-q"])
+    ck = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        ck.is_dir() and any(ck.glob("step-*/trainer_state.json"))
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
+    assert summary["status"] == "running"  # died without a chance to say otherwise
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    res = _run_cli(["train", str(cfg_path), "-q", "--resume"])
+    out, err = res.communicate(timeout=600)
+    assert res.returncode == 0, err
+    a, b = _adapter(ref_dir), _adapter(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.slow
+def test_sigint_saves_checkpoint_and_exits_cleanly(tmp_path, tiny_model, loft_home):
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=5000, save_every=1000)
+    proc = _run_cli(["train", str(_write_yaml(tmp_path / "c.yaml", cfg))])
+    deadline = time.time() + 120
+    summary = tmp_path / "run" / "run_summary.json"
+    while time.time() < deadline:
+        if summary.is_file() and json.loads(summary.read_text()).get("mlflow_run_id"):
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "--resume" in err
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json"))
+    assert json.loads(summary.read_text())["status"] == "interrupted"
+
+
+@pytest.mark.unit
+def test_interrupt_is_a_loft_error():
+    assert issubclass(TrainingInterrupted, Exception)
+
+
+# ---------------------------------------------------------------- config contract
+
+
+@pytest.mark.unit
+def test_config_errors_reported_together_with_did_you_mean(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(
+        "base_model: x\nmethod: qlor\ndata: {train: a.jsonl, max_seq_len: -3}\n"
+        "training: {learning_rate: 0.1, micro_batch_size: 0}\n"
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert "method: got 'qlor'" in msg
+    assert "data.max_seq_len: got -3" in msg
+    assert "training.learning_rate: unknown key" in msg
+    assert "training.micro_batch_size: got 0" in msg
+    assert "4 problems" in msg
+
+
+@pytest.mark.unit
+def test_config_typo_did_you_mean(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data: {train: a.jsonl}\ntraining: {epoch: 2}\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'training\.epochs'"):
+        load_config(p)
+
+
+@pytest.mark.unit
+def test_overrides_and_relative_paths(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: data/train.jsonl}\n")
+    cfg = load_config(p, ["training.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.training.lr == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.train == str(tmp_path / "data" / "train.jsonl")
+    with pytest.raises(ConfigError, match="KEY.PATH=VALUE"):
+        load_config(p, ["training.lr"])
+
+
+@pytest.mark.unit
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: invalid YAML"):
+        load_config(p)
