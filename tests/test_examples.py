@@ -21,7 +21,9 @@ def _generator():
     """The generator module itself (examples/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("support_tickets_generate", TICKETS / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "support_tickets_generate", TICKETS / "generate.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -52,10 +54,12 @@ def test_generator_is_deterministic_per_seed() -> None:
 
 @pytest.mark.unit
 def test_committed_split_sizes_and_disjoint() -> None:
+    """No held-out ticket occurs in train, not even up to case and punctuation."""
+    norm = _generator().normalized
     train, heldout = _read(TICKETS / "train.jsonl"), _read(TICKETS / "heldout.jsonl")
     assert (len(train), len(heldout)) == (1500, 200)
-    train_text = {r["messages"][1]["content"] for r in train}
-    held_text = {r["messages"][1]["content"] for r in heldout}
+    train_text = {norm(r["messages"][1]["content"]) for r in train}
+    held_text = {norm(r["messages"][1]["content"]) for r in heldout}
     assert len(train_text) == len(train) and len(held_text) == len(heldout)
     assert not train_text & held_text
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from pathlib import Path
 
 CATEGORIES = ("billing", "technical", "account", "shipping", "feature_request")
@@ -224,8 +225,14 @@ def to_record(text: str, labels: dict[str, str]) -> dict[str, list[dict[str, str
     }
 
 
+def normalized(text: str) -> str:
+    """Lower-cased words only: tickets equal under this count as the same ticket."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
 def generate(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Held-out tickets first, then training tickets; every ticket text is unique across both."""
+    """Held-out tickets first, then training tickets; no two tickets share their normalized text,
+    so no held-out ticket is a training ticket up to case and punctuation."""
     rng = random.Random(seed)
     seen: set[str] = set()
     splits: list[list[dict]] = [[], []]
@@ -236,13 +243,14 @@ def generate(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[
             if attempts > 50 * n + 1000:
                 raise RuntimeError(f"could not draw {n} unique tickets; lower the counts")
             text, labels = make_ticket(rng)
-            if text in seen:
+            key = normalized(text)
+            if key in seen:
                 continue
-            seen.add(text)
+            seen.add(key)
             split.append(to_record(text, labels))
     heldout, train = splits
-    train_texts = {r["messages"][1]["content"] for r in train}
-    assert not any(r["messages"][1]["content"] in train_texts for r in heldout)
+    train_texts = {normalized(r["messages"][1]["content"]) for r in train}
+    assert not any(normalized(r["messages"][1]["content"]) in train_texts for r in heldout)
     return train, heldout
 
 

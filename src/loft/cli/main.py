@@ -63,30 +63,23 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.get("LOFT_DEBUG") == "1"
     )
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone mode: typer/click print usage errors themselves and exit 2
+        app(args=argv, standalone_mode=True, prog_name="loft")
     except LoftError as e:
         if debug:
             raise
         from loft.cli.output import err_console
 
-        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True)
         if e.hint:
-            err_console.print(e.hint, highlight=False, markup=False)
+            err_console.print(e.hint, markup=False, soft_wrap=True)
         sys.exit(exit_code_for(e))
     except KeyboardInterrupt:
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors and internal failures
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    except Exception as e:  # an internal failure: say so briefly unless --debug
         if debug:
             raise
         from loft.cli.output import err_console
@@ -94,10 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(
             f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
             "Run again with --debug for the traceback, and report it if it persists.",
-            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

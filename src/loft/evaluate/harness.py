@@ -117,10 +117,16 @@ def generate(
     autocast_bf16: bool = False,
     stats: GenerationStats | None = None,
 ) -> list[str]:
-    """Greedy completions for ``conversations``, one string per conversation, in input order."""
+    """Greedy completions for ``conversations``, one string per conversation, in input order.
+
+    Rows are left-padded by hand (the tokenizer's ``padding_side`` is never touched) with
+    ``tokenizer.pad_token_id`` and masked out; generation stops at end-of-turn. ``autocast_bf16``
+    runs the matmuls in bfloat16 (faster on CPUs with native bf16); ``stats`` collects counts.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos = _eos_ids(model, tokenizer)
+    eos_set = set(eos)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     encoded: list[list[int]] = [
         tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -160,8 +166,9 @@ def generate(
                 )
                 new = out[:, width:].tolist()
                 for row, i in enumerate(idx):
-                    outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True)
-                    stats.new_tokens += _count_new(new[row], set(eos))
+                    n_new = _count_new(new[row], eos_set)  # the rest is padding
+                    outputs[i] = tokenizer.decode(new[row][:n_new], skip_special_tokens=True)
+                    stats.new_tokens += n_new
                     stats.prompt_tokens += len(encoded[i])
                 stats.prompts += len(idx)
                 bar.advance(task, len(idx))

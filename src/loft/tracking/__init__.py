@@ -9,14 +9,12 @@ from loft.tracking.mlflow_tracker import (
     artifact_root,
     default_tracking_uri,
     get_or_create_experiment,
-    metric_history,
     mlflow_client,
     open_tracker,
     resolve_tracking_uri,
     system_tags,
-    ui_command,
 )
-from loft.tracking.runs import list_runs, show_run
+from loft.tracking.runs import list_runs, metric_history, show_run, ui_command
 
 __all__ = [
     "MlflowTracker",

@@ -32,7 +32,6 @@ import re
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -465,48 +464,3 @@ def _resume(client: MlflowClient, uri: str, run_id: str, tags: dict[str, str]) -
     )
     tracker.set_tags({**tags, "loft.resumed": "true"})
     return tracker
-
-
-# ----------------------------------------------------------------------------- reading back
-
-
-def metric_history(run_id: str, uri: str | None = None) -> dict[str, Any]:
-    """A run's status, params and every metric's per-step history, read from the tracking store."""
-    client = mlflow_client(uri)
-    run = client.get_run(run_id)
-    metrics = {
-        key: [
-            {"step": m.step, "value": m.value, "timestamp": m.timestamp}
-            for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        ]
-        for key in sorted(run.data.metrics)
-    }
-    return {
-        "run_id": run_id,
-        "tracking_uri": resolve_tracking_uri(uri),
-        "experiment_id": run.info.experiment_id,
-        "status": run.info.status,
-        "artifact_uri": run.info.artifact_uri,
-        "params": dict(run.data.params),
-        "metrics": metrics,
-    }
-
-
-def ui_command(
-    uri: str, *, host: str = "127.0.0.1", port: int = 5000
-) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that serve the MLflow UI over tracking store ``uri``.
-
-    Creates the store's tables first. MLflow's GenAI job runner (seven extra processes) is off
-    unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise.
-    """
-    mlflow_client(uri)
-    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
-    argv += ["--host", host, "--port", str(port), "--workers", "1"]
-    root = artifact_root(uri)
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        argv += ["--default-artifact-root", root.as_uri(), "--no-serve-artifacts"]
-    env = dict(os.environ)
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    return argv, env

@@ -1,16 +1,19 @@
-"""Read runs back for the CLI and the portal: ``LOFT_HOME/runs/<run_id>/`` plus MLflow history.
+"""Read runs back for the CLI and the portal: ``LOFT_HOME/runs/<run_id>/`` plus MLflow history,
+and the command that serves the MLflow UI.
 
-A run directory holds ``resolved.yaml`` (written at start) and ``run_summary.json`` (written last,
-atomically). A directory with a config but no summary is still running (a ``RUNNING`` marker file
-says so: status ``running``) or was cut off before its first summary (``incomplete``); directories
-with neither are ignored. Statuses are the trainer's (``running``, ``completed``, ``failed``,
-``interrupted``), passed through as written.
+A run directory holds ``resolved.yaml`` and ``run_summary.json`` (rewritten atomically as the run
+goes). A directory with a config but no summary yet is ``running`` (a ``RUNNING`` marker file says
+so) or was cut off before its first summary (``incomplete``); directories with neither are ignored.
+Summary statuses are the trainer's (``running``, ``completed``, ``failed``, ``interrupted``),
+passed through as written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import yaml
 
 from loft.core.errors import NotFoundError
 from loft.core.paths import runs_dir
+from loft.tracking.mlflow_tracker import artifact_root, mlflow_client, resolve_tracking_uri
 
 _log = logging.getLogger(__name__)
 
@@ -70,8 +74,6 @@ def show_run(run_id_or_path: str | Path) -> dict[str, Any]:
     out["metrics"] = {}
     mlflow_run_id = summary.get("mlflow_run_id")
     if mlflow_run_id:
-        from loft.tracking.mlflow_tracker import metric_history
-
         uri = summary.get("tracking_uri") or _config_tracking_uri(config)
         try:
             history = metric_history(str(mlflow_run_id), uri)
@@ -113,6 +115,48 @@ def find_run_dir(ref: str | Path) -> Path:
         f"no run {ref!r} in {runs_dir()} (recent runs: {recent})",
         hint="`loft runs list` shows every run; a run directory path works too.",
     )
+
+
+def metric_history(run_id: str, uri: str | None = None) -> dict[str, Any]:
+    """A run's status, params and every metric's per-step history, read from the tracking store."""
+    client = mlflow_client(uri)
+    run = client.get_run(run_id)
+    metrics = {
+        key: [
+            {"step": m.step, "value": m.value, "timestamp": m.timestamp}
+            for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ]
+        for key in sorted(run.data.metrics)
+    }
+    return {
+        "run_id": run_id,
+        "tracking_uri": resolve_tracking_uri(uri),
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "artifact_uri": run.info.artifact_uri,
+        "params": dict(run.data.params),
+        "metrics": metrics,
+    }
+
+
+def ui_command(
+    uri: str, *, host: str = "127.0.0.1", port: int = 5000
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that serve the MLflow UI over tracking store ``uri``.
+
+    Creates the store's tables first. MLflow's GenAI job runner (seven extra processes) is off
+    unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise.
+    """
+    mlflow_client(uri)
+    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    argv += ["--host", host, "--port", str(port), "--workers", "1"]
+    root = artifact_root(uri)
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        argv += ["--default-artifact-root", root.as_uri(), "--no-serve-artifacts"]
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return argv, env
 
 
 def _run_dirs() -> list[Path]:
