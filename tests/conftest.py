@@ -1,7 +1,7 @@
 """Shared fixtures. Every test runs with LOFT_HOME in a temp dir and the HF hub offline.
 
 The builtin SmolLM2 conversion and the tiny random model are built once per session and shared;
-tests that write state get their own LOFT_HOME via ``loft_home`` (models/ is linked to the shared one).
+tests that write state get their own LOFT_HOME via ``loft_home`` (models/ links to the shared one).
 """
 
 from __future__ import annotations

@@ -379,3 +379,41 @@ def test_invalid_yaml_names_line(tmp_path):
     p.write_text("data:\n  train: [unclosed\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:\d+:\d+: invalid YAML"):
         load_config(p)
+
+
+@pytest.mark.unit
+def test_trained_eos_makes_the_tuned_model_stop(tmp_path, tiny_model, loft_home):
+    """The assistant's closing <|im_end|> is a trained label, so a tuned model ends its answer.
+
+    An untrained random model never emits eos within the budget; after fine-tuning on four chats
+    it reproduces the answer and stops."""
+    from loft.models import load_causal_lm, load_tokenizer, resolve_model
+    from loft.train import train
+
+    data = write_chat(tmp_path / "four.jsonl", n=4)
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=60, lr=3e-3, save_every=1000)
+    cfg.update(method="full")
+    cfg["data"].update(train=str(data), eval_fraction=0.0)
+    res = train(validate_config(cfg), progress=False)
+
+    tok = load_tokenizer(resolve_model(str(tiny_model)))
+    budget = 24
+
+    def answer(model, q):
+        msgs = [{"role": "user", "content": q}]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=budget, do_sample=False, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )  # fmt: skip
+        return out[0, ids.shape[1] :].tolist()
+
+    base = load_causal_lm(resolve_model(str(tiny_model))).eval()
+    assert tok.eos_token_id not in answer(base, CHATS[0][0])  # the control: no stop before tuning
+    tuned = load_causal_lm(resolve_model(str(res.run_dir / "model"))).eval()
+    for q, a in CHATS[:4]:
+        new = answer(tuned, q)
+        assert new[-1] == tok.eos_token_id and len(new) < budget, tok.decode(new)
+        assert tok.decode(new, skip_special_tokens=True).strip() == a

@@ -93,13 +93,36 @@ def train(
     """Run one fine-tune end to end and return its run directory and summary."""
     started = time.time()
     placement = plan_placement(config)  # refuses impossible configs before anything is loaded
+    _check_data(config)  # every bad record is reported before a model is converted or loaded
     run_dir = rundir.find_resume_dir(config) if resume else _new_run_dir(config)
     run_id = run_dir.name
     rundir.write_resolved(run_dir, config)
     summary = {**rundir.read_summary(run_dir), "run_id": run_id, "status": "running"}
     summary.update(method=config.method, base_model=config.base_model, run_dir=str(run_dir))
     rundir.write_summary(run_dir, summary)
+    try:
+        return _train(config, run_dir, summary, placement, resume, progress, tracker, started)
+    except BaseException as e:
+        if rundir.read_summary(run_dir).get("status") == "running":  # failed before the loop
+            interrupted = isinstance(e, KeyboardInterrupt | TrainingInterrupted)
+            summary["status"] = "interrupted" if interrupted else "failed"
+            rundir.write_summary(run_dir, summary)
+        raise
 
+
+def _check_data(config: TrainConfig) -> None:
+    from loft.data import validate_file
+    from loft.data.validate import raise_for_problems
+
+    if config.data.skip_invalid:
+        return
+    for path in filter(None, (config.data.train, config.data.eval)):
+        rep = validate_file(path, format=config.data.format, column_map=config.data.column_map)
+        raise_for_problems(rep.problems, rep.n_invalid, rep.n_records, str(rep.path))
+
+
+def _train(config, run_dir, summary, placement, resume, progress, tracker, started) -> RunResult:
+    run_id = run_dir.name
     from loft.data import prepare_dataset
     from loft.models import load_tokenizer, resolve_model
 

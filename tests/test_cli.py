@@ -1,0 +1,120 @@
+"""Every command's --help works and is instant; errors exit with the documented codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from loft.cli.main import app
+
+runner = CliRunner()
+
+
+def _commands(group: typer.Typer, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import typer.main
+
+    click_group = typer.main.get_command(group)
+    out: list[tuple[str, ...]] = []
+
+    def walk(cmd, path):
+        out.append(path)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, (*path, name))
+
+    walk(click_group, prefix)
+    return out
+
+
+ALL = _commands(app)
+
+
+@pytest.mark.unit
+def test_command_tree_is_complete():
+    names = {" ".join(c) for c in ALL}
+    for expected in (
+        "train", "demo", "ui", "models list", "models show", "models add", "data validate",
+        "data prepare", "data inspect", "runs list", "runs show",
+    ):  # fmt: skip
+        assert expected in names, expected
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cmd", ALL, ids=lambda c: " ".join(c) or "loft")
+def test_help_of_every_command(cmd):
+    result = runner.invoke(app, [*cmd, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+@pytest.mark.unit
+def test_top_level_help_does_not_import_torch():
+    code = "import sys; from loft.cli.main import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.unit
+def test_help_is_fast():
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "loft.cli.main", "--help"], capture_output=True, check=True
+    )
+    assert time.perf_counter() - t < 20  # generous: catches an accidental torch import at startup
+
+
+def _loft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "loft.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.unit
+def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_path, loft_home):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        "{not json\n"
+        '{"messages": [{"role": "robot", "content": "hi"}]}\n'
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"base_model: smollm2-135m-instruct\ndata: {{train: {data}}}\n")
+    r = _loft("train", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"{data}:2:" in r.stderr and f"{data}:3:" in r.stderr
+    assert "--skip-invalid" in r.stderr
+
+
+@pytest.mark.unit
+def test_bad_config_exits_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {train: x.jsonl}\ntraining: {lr: fast}\n")
+    r = _loft("train", str(cfg))
+    assert r.returncode == 2
+    assert "training.lr: got 'fast'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.unit
+def test_debug_shows_traceback(tmp_path):
+    r = _loft("--debug", "train", str(tmp_path / "missing.yaml"))
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr
+
+
+@pytest.mark.unit
+def test_usage_error_exits_2():
+    r = _loft("train", "--no-such-flag")
+    assert r.returncode == 2
