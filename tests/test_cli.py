@@ -84,7 +84,8 @@ def _loft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_path, loft_home):
     data = tmp_path / "bad.jsonl"
     data.write_text(
-        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, '
+        '{"role": "assistant", "content": "yo"}]}\n'
         "{not json\n"
         '{"messages": [{"role": "robot", "content": "hi"}]}\n'
     )

@@ -103,33 +103,58 @@ def tiny(tiny_model):
 
 
 @pytest.mark.unit
-def test_packed_rows_do_not_attend_across_examples(tiny):
+@pytest.mark.parametrize("attn", ["sdpa", "loft_packed"])
+def test_packed_rows_do_not_attend_across_examples(tiny, attn):
+    """Each example's logits inside a packed row equal its logits computed alone, with the stock
+    SDPA block mask and with loft's per-example attention."""
+    from loft.train.attention import register
+
     model, tok = tiny
+    register()
+    model.set_attn_implementation(attn)
     exs = _examples(tok, 3)
     packed = pack_batch(exs)
-    with torch.no_grad():
-        # use_cache=False as in training: with a KV cache transformers does not detect packing
-        out = model(
-            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
-        )
-        logits = out.logits[0]
-        start = 0
-        for ex in exs:
-            n = len(ex["input_ids"])
-            alone = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-4, atol=1e-4)
-            start += n
+    extra = {}
+    if attn == "loft_packed":
+        cu = packed["cu_seq_lens"]
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    try:
+        with torch.no_grad():
+            # use_cache=False as in training: with a KV cache transformers does not detect packing
+            out = model(
+                input_ids=packed["input_ids"],
+                position_ids=packed["position_ids"],
+                use_cache=False,
+                **extra,
+            )
+            logits = out.logits[0]
+            start = 0
+            for ex in exs:
+                n = len(ex["input_ids"])
+                alone = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0]
+                torch.testing.assert_close(logits[start : start + n], alone, rtol=1e-4, atol=1e-4)
+                start += n
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 @pytest.mark.unit
-def test_packed_loss_equals_padded_loss(tiny):
+@pytest.mark.parametrize("attn", ["sdpa", "loft_packed"])
+def test_packed_loss_equals_padded_loss(tiny, attn):
+    from loft.train.attention import register
     from loft.train.loss import loss_sum
 
     model, tok = tiny
     exs = _examples(tok, 4)
-    with torch.no_grad():
-        lp, n_p = loss_sum(model, pack_batch(exs))
-        lq, n_q = loss_sum(model, pad_batch(exs, tok.pad_token_id))
+    register()
+    try:
+        with torch.no_grad():
+            model.set_attn_implementation(attn)
+            lp, n_p = loss_sum(model, pack_batch(exs))
+            model.set_attn_implementation("sdpa")
+            lq, n_q = loss_sum(model, pad_batch(exs, tok.pad_token_id))
+    finally:
+        model.set_attn_implementation("sdpa")
     assert n_p == n_q > 0
     assert abs(float(lp) - float(lq)) / float(lq) <= 1e-4
 

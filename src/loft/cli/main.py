@@ -91,5 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(1)
 
+
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
+    cu = [0]
     for ex in examples:
         n = len(ex["input_ids"])
         ids.extend(ex["input_ids"])
@@ -28,11 +29,14 @@ def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lab[0] = IGNORE_INDEX  # nothing in this example predicts its first token
         labels.extend(lab)
         pos.extend(range(n))
+        cu.append(cu[-1] + n)
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "attention_mask": None,
+        # example boundaries, as flash-attn varlen names them: read by loft's packed attention
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
         "num_tokens": len(ids),
     }
 

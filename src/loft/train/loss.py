@@ -28,11 +28,18 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     lm = _causal_lm(model)
     decoder = lm.get_decoder()
     head = lm.get_output_embeddings()
+    extra: dict[str, Any] = {}
+    cu = batch.get("cu_seq_lens")
+    if cu is not None and lm.config._attn_implementation == "loft_packed":
+        longest = int((cu[1:] - cu[:-1]).max())
+        extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest}
+        extra["max_length_k"] = longest
     out = decoder(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **extra,
     )
     hidden = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]

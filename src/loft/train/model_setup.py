@@ -30,6 +30,10 @@ def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.n
     elif placement.device == "cuda" and method != "full" and placement.autocast_bf16:
         dtype = torch.bfloat16  # frozen base in bf16; PEFT keeps adapter weights in fp32
     model = load_causal_lm(info, dtype=dtype, **kwargs)
+    if config.data.packing:
+        from loft.train.attention import register
+
+        model.set_attn_implementation(register())
     if method != "qlora":
         model.to(placement.device)
     model.config.use_cache = False
