@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, models_dir
+from loft.core.paths import atomic_dir, file_lock, models_dir
 from loft.models.manifest import MANIFEST, sha256_file, write_manifest
 
 BUILTIN_NAME = "smollm2-135m-instruct"
@@ -54,24 +54,9 @@ def reconvert_hint(path: Path) -> str:
     return f"Remove it with `rm -rf {path}` and run `loft models show {BUILTIN_NAME}` to reconvert."
 
 
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """An exclusive advisory lock under models/ so concurrent processes convert only once.
-
-    Correctness does not depend on it (every write is an atomic_dir rename); it only avoids work.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    path = models_dir() / f".{name}.lock"
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _lock(name: str) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock under models/ so concurrent processes convert only once."""
+    return file_lock(models_dir() / f".{name}.lock")
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loft.core.errors import NotFoundError
-from loft.core.paths import loft_home
+from loft.core.paths import file_lock, loft_home
 from loft.core.specs import TrackingSpec
 from loft.tracking.base import NullTracker, Tracker, check_status, status_for_exception
 
@@ -120,7 +120,7 @@ def _prepare_store(uri: str) -> None:
     db = db.expanduser()
     db.parent.mkdir(parents=True, exist_ok=True)
     first = not db.exists() or db.stat().st_size == 0
-    with _file_lock(db.with_name(f".{db.name}.init.lock")):
+    with file_lock(db.with_name(f".{db.name}.init.lock")):
         _enable_wal(db)
         if first:
             _log.info("creating the MLflow tracking store %s (first use, a few seconds)", db)
@@ -136,21 +136,6 @@ def _enable_wal(db: Path) -> None:
     ):
         if str(c.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             c.execute("PRAGMA journal_mode=WAL")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: MLflow's own migration handling is all there is
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
