@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/train_throughput.py [--steps 30] [--micro-batch 8]
 
-Both paths train LoRA (r16, all-linear) on the same prepared examples (the demo's support
-tickets, variable-length chat) for the same number of optimizer steps. Stock TRL gets the
+Both paths train LoRA (r16, all-linear) on the same prepared examples (variable-length
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--micro-batch 8]
 pre-tokenized `input_ids` + `labels` so both compute the loss on exactly the same tokens, and
 otherwise keeps its defaults (no packing, padding to the batch's longest, its own bf16 and
 checkpointing defaults). Each path runs in its own child process so peak RSS is per path.
@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import sys
 import tempfile
@@ -24,7 +25,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "support_tickets" / "train.jsonl"
+TICKETS = ROOT / "examples" / "support_tickets" / "train.jsonl"
+DATA = Path(tempfile.gettempdir()) / "loft-bench-multiturn.jsonl"
+
+
+def write_variable_length_chat(path: Path, seed: int = 0) -> Path:
+    """Multi-turn chats of 1-8 ticket exchanges each (~110 to ~650 tokens): the length spread
+    of real chat data, where padding to the batch's longest wastes compute."""
+    import random
+
+    rng = random.Random(seed)
+    recs = [json.loads(line) for line in TICKETS.read_text().splitlines() if line.strip()]
+    out, i = [], 0
+    while i < len(recs):
+        k = rng.randint(1, 8)
+        group = recs[i : i + k]
+        i += k
+        msgs = [group[0]["messages"][0]]  # one system prompt
+        for r in group:
+            msgs += r["messages"][1:]
+        out.append(json.dumps({"messages": msgs}))
+    path.write_text("\n".join(out) + "\n")
+    return path
 
 
 def _peak_rss() -> int:
@@ -99,6 +121,7 @@ def run_trl(args: argparse.Namespace, q: mp.Queue) -> None:
         max_length=args.max_seq_len,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),  # required on CPU, else its bf16 default refuses
     )
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
     trainer = SFTTrainer(
@@ -159,7 +182,13 @@ def _child(fn, args):
     q = ctx.Queue()
     p = ctx.Process(target=fn, args=(args, q))
     p.start()
-    out = q.get()
+    while True:
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                sys.exit(f"{fn.__name__} failed (exit code {p.exitcode}); see its traceback above")
     p.join()
     return out
 
@@ -167,11 +196,12 @@ def _child(fn, args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--json", action="store_true", help="Print only the result JSON.")
     args = ap.parse_args()
+    write_variable_length_chat(DATA)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LOFT_HOME", tempfile.mkdtemp(prefix="loft-bench-home-"))
     # warm the caches (model conversion, dataset prep) outside the timed children
