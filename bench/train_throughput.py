@@ -1,14 +1,14 @@
 """Training throughput: loft's path vs stock TRL SFTTrainer + PEFT, same model, data and tokens.
 
-    .venv/bin/python bench/train_throughput.py [--steps 30] [--micro-batch 8]
-
-Both paths train LoRA (r16, all-linear) on the same prepared examples (variable-length
     .venv/bin/python bench/train_throughput.py [--steps 12] [--micro-batch 8]
-pre-tokenized `input_ids` + `labels` so both compute the loss on exactly the same tokens, and
-otherwise keeps its defaults (no packing, padding to the batch's longest, its own bf16 and
-checkpointing defaults). Each path runs in its own child process so peak RSS is per path.
-Tokens/s counts real, non-padding tokens. The two losses on the same batch are printed first to
-show both paths compute the same objective.
+
+Both paths train LoRA (r16, all-linear) on the same prepared examples for the same number of
+optimizer steps. The data is variable-length chat: multi-turn conversations of 1-8 exchanges
+built from the demo's support tickets. Stock TRL gets the pre-tokenized `input_ids` + `labels`,
+so both compute the loss on exactly the same tokens, and otherwise keeps its defaults (no
+packing, padding to the batch's longest, its own bf16 and checkpointing defaults). Each path
+runs in its own child process so peak RSS is per path. Tokens/s counts real, non-padding tokens.
+The two losses on the same batch are printed first to show both paths compute the same objective.
 """
 
 from __future__ import annotations
