@@ -20,7 +20,7 @@ def register(root: typer.Typer) -> None:
     def demo_cmd(
         config: Path = typer.Option(EXAMPLE / "lora.yaml", help="Training config to run."),
         heldout: Path = typer.Option(EXAMPLE / "heldout.jsonl", help="Held-out chat records."),
-        n: int = typer.Option(100, "--n", min=1, help="Held-out records to score."),
+        n: int = typer.Option(200, "--n", min=1, help="Held-out records to score (max: all)."),
         max_new_tokens: int = typer.Option(32, help="Generation budget per answer."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Config override (repeatable)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
