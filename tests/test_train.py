@@ -442,3 +442,20 @@ def test_trained_eos_makes_the_tuned_model_stop(tmp_path, tiny_model, loft_home)
         new = answer(tuned, q)
         assert new[-1] == tok.eos_token_id and len(new) < budget, tok.decode(new)
         assert tok.decode(new, skip_special_tokens=True).strip() == a
+
+
+@pytest.mark.unit
+def test_finished_run_registers_itself_unless_disabled(tmp_path, tiny_model, loft_home):
+    from loft.registry import get_version
+    from loft.train import train
+
+    cfg = tiny_config(tmp_path / "a", tiny_model, max_steps=1)
+    cfg["register"] = {"name": "tiny-chat"}
+    s = train(validate_config(cfg), progress=False).summary
+    assert s["registered"] == "tiny-chat:1"
+    mv = get_version("tiny-chat:1")
+    assert mv.to_dict()["lineage"]["dataset_fingerprint"] == s["dataset_fingerprint"]
+
+    cfg = tiny_config(tmp_path / "b", tiny_model, max_steps=1)
+    cfg["register"] = False
+    assert "registered" not in train(validate_config(cfg), progress=False).summary

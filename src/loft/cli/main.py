@@ -43,11 +43,12 @@ def _root(
 
 
 def _register() -> None:
-    from loft.cli import data, demo, models, runs, train
+    from loft.cli import data, demo, models, registry, runs, train
 
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
     app.add_typer(runs.app, name="runs")
+    app.add_typer(registry.app, name="registry")
     train.register(app)
     runs.register(app)
     demo.register(app)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import socket
+import sys
 from typing import Any
 
 import typer
@@ -165,7 +167,12 @@ def ui(
     console.print(f"MLflow UI for {store}\n  [bold]http://{shown}:{port}/[/]  (Ctrl-C to stop)")
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] listening on {host} with no authentication.")
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = proc.wait()
@@ -176,6 +183,14 @@ def ui(
         signal.signal(signal.SIGTERM, previous)
     if code:
         raise typer.Exit(code)
+
+
+def _die_with_parent() -> None:
+    """In the server's process (Linux): get SIGTERM when `loft ui` dies, even by SIGKILL."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -6,6 +6,7 @@ Unknown keys are rejected; every problem is reported at once by ``loft.core.conf
 
 from __future__ import annotations
 
+import warnings
 from enum import StrEnum
 from typing import Literal
 
@@ -82,6 +83,17 @@ class TrackingSpec(Strict):
     experiment: str = "default"
 
 
+class RegisterSpec(Strict):
+    name: str | None = Field(
+        None, description="Registered model name; default <train file's folder>-<method>."
+    )
+    parent: str | None = Field(None, description="Registry ref this run continues from.")
+
+
+# `register` is a contract key; it shadows ABCMeta.register on the class, which loft never uses.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
 class TrainConfig(Strict):
     base_model: str = "smollm2-135m-instruct"
     method: Method = Method.lora
@@ -91,6 +103,15 @@ class TrainConfig(Strict):
     output_dir: str | None = None
     run_name: str | None = None
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    register: RegisterSpec | bool = Field(default_factory=RegisterSpec)
+    gate: list[str] = Field(
+        default_factory=list, description="Promotion checks, e.g. 'eval_loss <= champion + 0.02'."
+    )
+
+    @field_validator("register")
+    @classmethod
+    def _register_true(cls, v: RegisterSpec | bool) -> RegisterSpec | bool:
+        return RegisterSpec() if v is True else v
 
     @model_validator(mode="after")
     def _method_needs(self) -> TrainConfig:

@@ -21,7 +21,7 @@ from loft.core.specs import TrainConfig
 SUMMARY = "run_summary.json"
 RESOLVED = "resolved.yaml"
 # Keys that name where a run goes or is tracked, not what it trains: excluded from the digest.
-_NOT_TRAINING = ("output_dir", "run_name", "tracking")
+_NOT_TRAINING = ("output_dir", "run_name", "tracking", "register", "gate")
 
 
 def new_run_id() -> str:

@@ -22,7 +22,7 @@ from loft import __version__
 from loft.core.config import flatten
 from loft.core.errors import LoftError, TrainingInterrupted
 from loft.core.paths import atomic_dir, atomic_write_json, runs_dir
-from loft.core.specs import TrainConfig
+from loft.core.specs import RegisterSpec, TrainConfig
 from loft.data.packing import collate, count_label_tokens
 from loft.train import rundir
 from loft.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
@@ -186,6 +186,8 @@ def _train(config, run_dir, summary, placement, resume, progress, tracker, start
             summary["output_path"] = str(
                 _save_output(config, model, tokenizer, run_dir, info, dataset, metrics)
             )
+            rundir.write_summary(run_dir, summary)
+            summary.update(_register(config, run_dir, bar))
         rundir.write_summary(run_dir, summary)
         _finish_tracker(tracker, run_dir, dataset, status)
     return RunResult(run_dir=run_dir, summary=summary)
@@ -377,6 +379,35 @@ def _save_output(config, model, tokenizer, run_dir, info, dataset, metrics) -> P
         lineage = rundir.lineage(config=config, model_info=info, dataset=dataset, metrics=metrics)
         atomic_write_json(tmp / "lineage.json", lineage)
     return final
+
+
+def registered_name(config: TrainConfig) -> str:
+    """``register.name``, else ``run_name``, else ``<train file's folder>-<method>``."""
+    import re
+
+    reg = config.register
+    if isinstance(reg, RegisterSpec) and reg.name:
+        return reg.name
+    base = config.run_name or f"{Path(config.data.train).resolve().parent.name}-{config.method}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._")[:64] or "model"
+
+
+def _register(config: TrainConfig, run_dir: Path, bar: TrainProgress) -> dict[str, Any]:
+    """Register the finished run as a new model version (unless ``register: false``).
+
+    The run is complete on disk before this; a registry failure is reported, not fatal."""
+    if config.register is False:
+        return {}
+    from loft.registry import register
+
+    parent = config.register.parent if isinstance(config.register, RegisterSpec) else None
+    try:
+        mv = register(run_dir, name=registered_name(config), parent=parent)
+    except LoftError as e:
+        bar.note(f"[yellow]warning:[/] not registered: {e.message}")
+        return {"registered": None, "registry_error": e.message}
+    bar.note(f"registered as {mv.name}:{mv.version}")
+    return {"registered": f"{mv.name}:{mv.version}"}
 
 
 def _finish_tracker(tracker: Any, run_dir: Path, dataset: Any, status: str) -> None:

@@ -1,0 +1,98 @@
+"""loft eval: measure a model (registry ref, run dir, adapter or base model) on held-out data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+DEFAULT_METRICS = "eval_loss,json_exact_match"
+
+
+def register(root: typer.Typer) -> None:
+    @root.command("eval")
+    def eval_cmd(
+        model_ref: str = typer.Argument(
+            ...,
+            metavar="MODEL_REF",
+            help="Registry ref (name@champion, name:3), run dir, adapter folder or base model.",
+        ),
+        data: Path = typer.Option(..., "--data", help="Held-out records (jsonl/json/csv/parquet)."),
+        metrics: str = typer.Option(
+            DEFAULT_METRICS,
+            "--metrics",
+            help="Comma-separated: eval_loss, perplexity, exact_match, json_exact_match, rouge_l, "
+            "or module.path:function.",
+        ),
+        baseline: str | None = typer.Option(
+            None, "--baseline", help="A second MODEL_REF to compare against (same data)."
+        ),
+        scorer: str | None = typer.Option(
+            None, "--scorer", help="Extra scorer `module.path:function(pred, ref) -> float`."
+        ),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Per answer."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Generation batch size."),
+        n: int | None = typer.Option(None, "--n", min=1, help="Score only the first N records."),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    ) -> None:
+        """Evaluate MODEL_REF on --data; with --baseline, show both and the delta per metric.
+
+        Generation uses the model's own tokenizer and chat template. Results are logged to the
+        MLflow experiment `eval` and, for a registry reference, recorded on the version.
+        """
+        from loft.cli.output import console, print_json
+        from loft.evaluate.run import evaluate_model
+
+        if quiet or json_out:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        report = evaluate_model(
+            model_ref,
+            data,
+            metrics=[m for m in metrics.split(",") if m.strip()],
+            baseline=baseline,
+            scorer=scorer,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            n=n,
+            progress=not (quiet or json_out),
+        )
+        if json_out:
+            print_json(report.to_dict())
+            return
+        _print_report(console, report)
+
+
+def _fmt(value: float | None, metric: str, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if metric in ("eval_loss", "perplexity"):
+        return f"{value:+.4f}" if signed else f"{value:.4f}"
+    return f"{value * 100:+.1f} pts" if signed else f"{value:.1%}"
+
+
+def _print_report(console: Any, report: Any) -> None:
+    from rich.table import Table
+
+    title = f"{report.ref} on {report.data} ({report.n} records)"
+    table = Table(title=title, header_style="bold")
+    table.add_column("metric")
+    table.add_column("candidate", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("delta", justify="right")
+    for row in report.rows:
+        m = row["metric"]
+        table.add_row(
+            m,
+            _fmt(row["candidate"], m),
+            _fmt(row["baseline"], m),
+            _fmt(row["delta"], m, signed=True),
+        )
+    console.print(table)
+    if report.baseline_ref:
+        console.print(f"baseline: {report.baseline_ref}")
+    if report.mlflow_run_id:
+        console.print(f"[dim]logged to MLflow experiment 'eval', run {report.mlflow_run_id}[/]")

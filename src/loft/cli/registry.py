@@ -1,0 +1,210 @@
+"""loft registry: register, list, show, diff, verify, history, rollback and alias moves.
+
+Thin: each command parses, calls loft.registry, prints. Heavy imports happen inside commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from loft.cli.output import console, print_json
+
+app = typer.Typer(
+    help="Registered model versions: lineage cards, integrity checks, aliases and rollback.",
+    no_args_is_help=True,
+)
+
+JSON_OPT = typer.Option(False, "--json", help="Print stable JSON instead of text.")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)
+
+
+@app.command("register")
+def register_cmd(
+    path: str = typer.Argument(..., help="A loft run dir, a PEFT adapter folder or an HF model."),
+    name: str | None = typer.Option(None, "--name", "-n", help="Registered model name."),
+    parent: str | None = typer.Option(None, "--parent", help="Parent version, e.g. bot:2."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Register a run's adapter (or full model) as a new version with its lineage card."""
+    from loft.registry import register
+
+    mv = register(path, name=name, parent=parent)
+    if json_out:
+        print_json(mv.to_dict())
+        return
+    d = mv.to_dict()
+    console.print(
+        f"registered [bold]{mv.name}:{mv.version}[/] ({d['kind']}, {len(d['files'])} files, "
+        f"{_size(d['bytes'])}) at {mv.path}"
+    )
+    console.print(f"promote it with `loft registry alias {mv.name}:{mv.version} --to champion`")
+
+
+@app.command("list")
+def list_cmd(json_out: bool = JSON_OPT) -> None:
+    """List registered models with their latest version and aliases."""
+    from rich.table import Table
+
+    from loft.registry import list_models
+
+    rows = list_models()
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("No registered models yet. Register one with `loft registry register RUN`.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("name", "latest", "versions", "aliases"):
+        table.add_column(col, justify="right" if col in ("latest", "versions") else "left")
+    for r in rows:
+        aliases = ", ".join(f"{a}→{v}" for a, v in r["aliases"].items()) or "-"
+        table.add_row(r["name"], _fmt(r["latest"]), str(r["n_versions"]), aliases)
+    console.print(table)
+
+
+@app.command("show")
+def show_cmd(
+    ref: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME:VERSION."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Show a version's lineage, metrics, aliases and file sizes (files are not re-hashed)."""
+    from loft.registry import get_version
+
+    d = get_version(ref, verify=False).to_dict()
+    if json_out:
+        print_json(d)
+        return
+    lin = d["lineage"]
+    console.print(f"[bold]{d['name']}:{d['version']}[/] {d['kind']}  created {d['created']}")
+    console.print(f"  aliases:  {', '.join(d['aliases']) or '-'}")
+    console.print(
+        f"  base:     {_fmt(lin['base_model'])} (sha256 {_fmt(lin['base_model_sha256'])})"
+    )
+    console.print(f"  dataset:  {_fmt(lin['dataset_fingerprint'])}")
+    parent = lin["parent"]
+    console.print(
+        f"  parent:   {parent['name']}:{parent['version']}" if parent else "  parent:   -"
+    )
+    tokens = lin["special_tokens"] or {}
+    console.print(f"  tokens:   pad={_fmt(tokens.get('pad'))} eos={_fmt(tokens.get('eos'))}")
+    console.print(f"  loft:     {lin['loft_version']} (git {_fmt(lin['git_commit'])})")
+    if d["degraded"]:
+        console.print(f"  [red]degraded:[/] {d['degraded'].get('reason')}")
+    console.print("  metrics:")
+    for key, value in sorted(d["metrics"].items()):
+        console.print(f"    {key} = {_fmt(value)}")
+    console.print(f"  files ({_size(d['bytes'])}):")
+    for f in d["files"]:
+        console.print(f"    {f['path']}  {_size(f['bytes'])}  {f['sha256'][:16]}")
+
+
+@app.command("diff")
+def diff_cmd(
+    a: str = typer.Argument(..., help="First version reference."),
+    b: str = typer.Argument(..., help="Second version reference."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Config, data and metric differences between two versions."""
+    from loft.registry import diff
+
+    d = diff(a, b)
+    if json_out:
+        print_json(d)
+        return
+    console.print(f"[bold]{d['a']}[/] vs [bold]{d['b']}[/]")
+    console.print("config:" if d["config"] else "config: identical")
+    for key, v in d["config"].items():
+        console.print(f"  {key}: {_fmt(v['a'])} → {_fmt(v['b'])}")
+    fp = d["data"]["fingerprint"]
+    same = "same" if fp["same"] else f"{_fmt(fp['a'])[:12]} → {_fmt(fp['b'])[:12]}"
+    console.print(f"data: {same}")
+    for key, v in d["data"]["report"].items():
+        console.print(f"  {key}: {_fmt(v['a'])} → {_fmt(v['b'])}")
+    console.print("metrics:")
+    for key, v in d["metrics"].items():
+        delta = f" ({v['delta']:+.6g})" if v["delta"] is not None else ""
+        console.print(f"  {key}: {_fmt(v['a'])} → {_fmt(v['b'])}{delta}")
+
+
+@app.command("verify")
+def verify_cmd(ref: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME:VERSION.")) -> None:
+    """Recompute every file's sha256; exit 1 naming the file when one does not match."""
+    from loft.registry import verify
+
+    mv = verify(ref)
+    for f in mv.to_dict()["files"]:
+        console.print(f"OK  {f['path']}  {f['sha256'][:16]}")
+    console.print(f"[green]{mv.name}:{mv.version} is intact[/] ({len(mv.card['files'])} files)")
+
+
+@app.command("history")
+def history_cmd(
+    name: str = typer.Argument(..., help="Registered model name."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Every alias move of a model: who, when, from, to, why, gate results."""
+    from loft.registry import history
+
+    rows = history(name)
+    if json_out:
+        print_json(rows)
+        return
+    if not rows:
+        console.print(f"No alias moves recorded for {name}.")
+        return
+    for r in rows:
+        flags = " [yellow]forced[/]" if r.get("forced") else ""
+        flags += " (rollback)" if r.get("rollback") else ""
+        console.print(
+            f"{r['when']}  {r['alias']}: {_fmt(r['from'])} → {r['to']}  by {r['who']}"
+            f"{flags}  {r.get('why') or ''}"
+        )
+        for check in r.get("gate") or []:
+            console.print(f"    gate: {check}")
+
+
+@app.command("rollback")
+def rollback_cmd(
+    name: str = typer.Argument(..., help="Registered model name."),
+    alias: str = typer.Option("champion", "--alias", help="The alias to move back."),
+    reason: str = typer.Option("rollback", "--reason", help="Why (recorded in the history)."),
+) -> None:
+    """Move an alias back to the version it pointed at before its latest move."""
+    from loft.registry import rollback
+
+    entry = rollback(name, alias, reason=reason)
+    console.print(f"{name}@{alias}: {entry['from']} → {entry['to']} (rolled back)")
+
+
+@app.command("alias")
+def alias_cmd(
+    ref: str = typer.Argument(..., help="NAME:VERSION to point the alias at."),
+    to: str = typer.Option(..., "--to", help="The alias to set, e.g. champion."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the history)."),
+) -> None:
+    """Point an alias at a version (no gate; use `promote` for a gated move)."""
+    from loft.core.errors import ConfigError
+    from loft.registry import move_alias, parse_ref
+
+    name, alias, version = parse_ref(ref)
+    if version is None:
+        raise ConfigError(f"{ref!r} names no version.", hint="Use NAME:VERSION, e.g. bot:3.")
+    entry = move_alias(name, to, version, reason=reason)
+    console.print(f"{name}@{to}: {_fmt(entry['from'])} → {entry['to']}")

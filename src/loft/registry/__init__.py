@@ -1,0 +1,33 @@
+"""Model registry: versions with lineage cards and sha256s, aliases, history and rollback.
+
+Built on MLflow's Model Registry (same tracking URI as runs); files under LOFT_HOME/registry.
+Importing this package is cheap; mlflow is imported only when the store is first used.
+"""
+
+from loft.registry.aliases import history, move_alias, rollback
+from loft.registry.names import parse_ref
+from loft.registry.store import (
+    ModelVersion,
+    diff,
+    get_version,
+    list_models,
+    mark_degraded,
+    record_metrics,
+    register,
+    verify,
+)
+
+__all__ = [
+    "ModelVersion",
+    "diff",
+    "get_version",
+    "history",
+    "list_models",
+    "mark_degraded",
+    "move_alias",
+    "parse_ref",
+    "record_metrics",
+    "register",
+    "rollback",
+    "verify",
+]

@@ -1,0 +1,368 @@
+"""Registered model versions on MLflow's Model Registry, with their files under LOFT_HOME.
+
+MLflow holds names, versions, aliases and tags (same tracking URI as runs); a version's files live
+in ``LOFT_HOME/registry/<name>/<version>/`` beside its ``card.json`` and the MLflow version's
+``source`` points there. mlflow is imported lazily, inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loft.core.errors import ConfigError, IntegrityError, NotFoundError
+from loft.core.paths import atomic_dir, atomic_write_json, file_lock
+from loft.registry import card as cards
+from loft.registry.names import check_name, model_dir, parse_ref, sanitise_name, version_dir
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+METRIC_TAG = "loft.metric."
+DEGRADED_TAG = "loft.degraded"
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: int
+    path: Path
+    card: dict[str, Any]
+    aliases: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Stable JSON: name, version, aliases, lineage, metrics, files, kind, path, created."""
+        files = self.card.get("files") or []
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": sorted(self.aliases),
+            "kind": self.card.get("kind"),
+            "path": str(self.path),
+            "created": self.card.get("created"),
+            "lineage": _flat_lineage(self.card.get("lineage") or {}),
+            "metrics": dict(self.card.get("metrics") or {}),
+            "files": [
+                {"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in files
+            ],
+            "bytes": sum(int(f["bytes"]) for f in files),
+            "degraded": self.card.get("degraded"),
+        }
+
+
+def _flat_lineage(lin: dict[str, Any]) -> dict[str, Any]:
+    base = lin.get("base_model") or {}
+    return {
+        "base_model": base.get("name"),
+        "base_model_sha256": base.get("sha256"),
+        "base_model_source": base.get("source"),
+        "dataset_fingerprint": lin.get("dataset_fingerprint"),
+        "data_report": lin.get("data_report"),
+        "config": lin.get("config"),
+        "chat_template": lin.get("chat_template"),
+        "special_tokens": lin.get("special_tokens"),
+        "parent": lin.get("parent"),
+        "run": lin.get("run"),
+        "loft_version": lin.get("loft_version"),
+        "git_commit": lin.get("git_commit"),
+    }
+
+
+# ----------------------------------------------------------------------------- MLflow access
+
+
+def client() -> MlflowClient:
+    from loft.tracking import mlflow_client, resolve_tracking_uri
+
+    return mlflow_client(resolve_tracking_uri(None))
+
+
+@contextlib.contextmanager
+def _mlflow_missing(what: str, hint: str) -> Iterator[None]:
+    """Turn MLflow's RESOURCE_DOES_NOT_EXIST into a NotFoundError a user can act on."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise NotFoundError(f"{what} is not in the model registry.", hint=hint) from None
+        raise
+
+
+def _aliases(c: MlflowClient, name: str) -> dict[str, int]:
+    with _mlflow_missing(f"model {name!r}", "See registered models with `loft registry list`."):
+        rm = c.get_registered_model(name)
+    return {alias: int(v) for alias, v in (rm.aliases or {}).items()}
+
+
+def _versions(c: MlflowClient, name: str) -> list[int]:
+    out: list[int] = []
+    token: str | None = None
+    while True:
+        page = c.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
+        out += [int(mv.version) for mv in page]
+        token = page.token
+        if not token:
+            return sorted(out)
+
+
+def _lock(name: str) -> contextlib.AbstractContextManager[None]:
+    return file_lock(model_dir(name) / ".lock")
+
+
+# ----------------------------------------------------------------------------- register
+
+
+def register(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    parent: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> ModelVersion:
+    """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version."""
+    from mlflow.exceptions import MlflowException
+
+    src = cards.find_source(Path(path))
+    if name is None:
+        raw = (src.resolved or {}).get("run_name") or (src.run_dir or src.weights_dir).name
+        name = sanitise_name(str(raw))
+    check_name(name)
+    parent_ref = None
+    if parent:
+        pv = get_version(parent, verify=False)
+        parent_ref = {"name": pv.name, "version": pv.version}
+    merged = {**cards.source_metrics(src), **_check_metrics(metrics or {})}
+    c = client()
+    with _lock(name):
+        try:
+            c.create_registered_model(name, description="Registered by loft.")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        existing = _versions(c, name)
+        version = (existing[-1] if existing else 0) + 1
+        final = version_dir(name, version)
+        # a folder left by a crash between copying and creating the MLflow version is an orphan
+        with atomic_dir(final, overwrite=True) as tmp:
+            cards.copy_files(src, tmp)
+            card = cards.build_card(
+                src, tmp, name=name, version=version, parent=parent_ref, metrics=merged
+            )
+            atomic_write_json(tmp / cards.CARD, card)  # last: the completion marker
+        try:
+            mv = c.create_model_version(
+                name,
+                source=final.as_uri(),
+                run_id=_linkable_run(c, src.summary.get("mlflow_run_id")),
+                tags=_version_tags(card, final),
+                description=f"{card['kind']} registered by loft from {src.weights_dir}",
+            )
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+    if int(mv.version) != version:  # another writer bypassed loft's lock
+        raise IntegrityError(
+            f"MLflow assigned version {mv.version} to {name}, but loft prepared {final}.",
+            hint="Register models through loft only, then re-register this one.",
+        )
+    return ModelVersion(name, version, final, card, [])
+
+
+def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"metric {key!r} has value {value!r}; metrics must be numbers.")
+        out[str(key)] = float(value)
+    return out
+
+
+def _linkable_run(c: MlflowClient, run_id: str | None) -> str | None:
+    """The run id when that run is in this store (a run tracked elsewhere is kept as a tag)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        c.get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
+
+
+def _version_tags(card: dict[str, Any], path: Path) -> dict[str, str]:
+    lin = card["lineage"]
+    tags = {
+        "loft.kind": card["kind"],
+        "loft.base_model": str(lin["base_model"].get("name")),
+        "loft.dataset_fingerprint": str(lin.get("dataset_fingerprint")),
+        "loft.path": path.as_posix(),
+    }
+    if lin["run"].get("mlflow_run_id"):
+        tags["loft.mlflow_run_id"] = str(lin["run"]["mlflow_run_id"])
+    tags.update({f"{METRIC_TAG}{k}": repr(v) for k, v in card["metrics"].items()})
+    return tags
+
+
+# ----------------------------------------------------------------------------- browse
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Each registered model: name, latest version, aliases {alias: version}, n_versions."""
+    c = client()
+    out: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        page = c.search_registered_models(max_results=1000, page_token=token)
+        for rm in page:
+            versions = _versions(c, rm.name)
+            out.append(
+                {
+                    "name": rm.name,
+                    "latest": versions[-1] if versions else None,
+                    "aliases": {a: int(v) for a, v in sorted((rm.aliases or {}).items())},
+                    "n_versions": len(versions),
+                }
+            )
+        token = page.token
+        if not token:
+            return sorted(out, key=lambda r: r["name"])
+
+
+def resolve(ref: str) -> tuple[str, int, dict[str, int]]:
+    """(name, version, aliases of the model) for a reference; NotFoundError when absent."""
+    name, alias, version = parse_ref(ref)
+    c = client()
+    aliases = _aliases(c, name)
+    if alias is not None:
+        if alias not in aliases:
+            known = ", ".join(f"{a}→{v}" for a, v in sorted(aliases.items())) or "none"
+            raise NotFoundError(
+                f"model {name!r} has no alias {alias!r} (aliases: {known}).",
+                hint=f"Set one with `loft registry alias {name}:VERSION --to {alias}`.",
+            )
+        return name, aliases[alias], aliases
+    if version is None:
+        if "champion" in aliases:
+            return name, aliases["champion"], aliases
+        versions = _versions(c, name)
+        if not versions:
+            raise NotFoundError(f"model {name!r} has no versions.", hint="Register one first.")
+        return name, versions[-1], aliases
+    with _mlflow_missing(
+        f"version {version} of {name!r}", f"See its versions with `loft registry show {name}`."
+    ):
+        c.get_model_version(name, str(version))
+    return name, version, aliases
+
+
+def get_version(ref: str, *, verify: bool = True) -> ModelVersion:
+    """The version ``ref`` names; with ``verify`` every file's sha256 is recomputed first."""
+    name, version, aliases = resolve(ref)
+    root = version_dir(name, version)
+    label = f"{name}:{version}"
+    if not root.is_dir():
+        raise IntegrityError(
+            f"{label}: its files are missing ({root} does not exist).",
+            hint=f"Re-register it, or roll back with `loft registry rollback {name}`.",
+        )
+    card = cards.read_card(root, ref=label)
+    if verify:
+        cards.verify_files(root, card, ref=label)
+    return ModelVersion(
+        name, version, root, card, sorted(a for a, v in aliases.items() if v == version)
+    )
+
+
+def verify(ref: str) -> ModelVersion:
+    """Recompute every sha256 of a version; IntegrityError names the first bad file."""
+    return get_version(ref, verify=True)
+
+
+def diff(a: str, b: str) -> dict[str, Any]:
+    """Config, data and metric differences between two versions."""
+    va, vb = get_version(a, verify=False), get_version(b, verify=False)
+    la, lb = va.card.get("lineage") or {}, vb.card.get("lineage") or {}
+    fa, fb = _flatten(la.get("config") or {}), _flatten(lb.get("config") or {})
+    config = {
+        k: {"a": fa.get(k), "b": fb.get(k)}
+        for k in sorted(set(fa) | set(fb))
+        if fa.get(k) != fb.get(k)
+    }
+    ra, rb = la.get("data_report") or {}, lb.get("data_report") or {}
+    counts = sorted(
+        k
+        for k in set(ra) | set(rb)
+        if isinstance(ra.get(k, rb.get(k)), int) and not isinstance(ra.get(k, rb.get(k)), bool)
+    )
+    ma, mb = va.card.get("metrics") or {}, vb.card.get("metrics") or {}
+    metrics = {}
+    for k in sorted(set(ma) | set(mb)):
+        x, y = ma.get(k), mb.get(k)
+        metrics[k] = {"a": x, "b": y, "delta": (y - x) if x is not None and y is not None else None}
+    return {
+        "a": f"{va.name}:{va.version}",
+        "b": f"{vb.name}:{vb.version}",
+        "config": config,
+        "data": {
+            "fingerprint": {
+                "a": la.get("dataset_fingerprint"),
+                "b": lb.get("dataset_fingerprint"),
+                "same": la.get("dataset_fingerprint") == lb.get("dataset_fingerprint"),
+            },
+            "report": {
+                k: {"a": ra.get(k), "b": rb.get(k)} for k in counts if ra.get(k) != rb.get(k)
+            },
+        },
+        "metrics": metrics,
+    }
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- card updates
+
+
+def _update_card(ref: str, change: dict[str, Any], tags: dict[str, str]) -> ModelVersion:
+    name, version, _ = resolve(ref)
+    with _lock(name):
+        mv = get_version(f"{name}:{version}", verify=False)
+        card = {**mv.card}
+        for key, value in change.items():
+            card[key] = {**(card.get(key) or {}), **value} if key == "metrics" else value
+        atomic_write_json(mv.path / cards.CARD, card)
+        mv.card = card
+    c = client()
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, value)
+    return mv
+
+
+def record_metrics(ref: str, metrics: dict[str, float], *, source: str = "eval") -> ModelVersion:
+    """Merge ``metrics`` into the version's card and set them as MLflow model-version tags."""
+    clean = _check_metrics(metrics)
+    tags = {f"{METRIC_TAG}{k}": repr(v) for k, v in clean.items()}
+    tags["loft.metrics_source"] = source
+    return _update_card(ref, {"metrics": clean}, tags)
+
+
+def mark_degraded(ref: str, reason: str) -> None:
+    """Flag a version as degraded on its card and as the MLflow version tag ``loft.degraded``."""
+    from datetime import UTC, datetime
+
+    flag = {"reason": reason, "when": datetime.now(UTC).isoformat(timespec="seconds")}
+    _update_card(ref, {"degraded": flag}, {DEGRADED_TAG: reason or "degraded"})
