@@ -77,7 +77,7 @@ def test_json_field_accuracy() -> None:
 
 @pytest.mark.unit
 def test_scorer_registry() -> None:
-    assert set(SCORERS) == {"exact_match", "json_exact_match"}
+    assert set(SCORERS) == {"exact_match", "json_exact_match", "rouge_l"}
     assert get_scorer("json_exact_match") is json_exact_match
     with pytest.raises(ConfigError, match="unknown metric 'bleu'"):
         get_scorer("bleu")

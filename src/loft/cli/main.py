@@ -44,6 +44,7 @@ def _root(
 
 def _register() -> None:
     from loft.cli import data, demo, models, registry, runs, train
+    from loft.cli import eval as eval_cmd
 
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
@@ -52,6 +53,7 @@ def _register() -> None:
     train.register(app)
     runs.register(app)
     demo.register(app)
+    eval_cmd.register(app)
 
 
 _register()

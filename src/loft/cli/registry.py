@@ -208,3 +208,53 @@ def alias_cmd(
         raise ConfigError(f"{ref!r} names no version.", hint="Use NAME:VERSION, e.g. bot:3.")
     entry = move_alias(name, to, version, reason=reason)
     console.print(f"{name}@{to}: {_fmt(entry['from'])} → {entry['to']}")
+
+
+@app.command("promote")
+def promote_cmd(
+    ref: str = typer.Argument(..., help="NAME:VERSION to promote."),
+    to: str = typer.Option("champion", "--to", help="The alias to move."),
+    gate: str | None = typer.Option(
+        None, "--gate", help="Gate YAML (a `gate:` list); default: the version's config gate."
+    ),
+    force: bool = typer.Option(False, "--force", help="Move even if the gate fails (recorded)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the history)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Run the gate on the version's recorded metrics and move the alias only if it passes.
+
+    Exit 0 when the alias moved, 3 when the gate refused. Relative checks such as
+    `eval_loss <= champion + 0.02` compare with the version the alias points at now.
+    """
+    from loft.core.errors import GateRefused
+    from loft.evaluate.promotion import promote
+
+    try:
+        promo = promote(ref, to=to, gate_path=gate, force=force, reason=reason)
+    except GateRefused as e:
+        if e.promotion is not None:
+            _print_promotion(e.promotion, json_out)
+        raise
+    _print_promotion(promo, json_out)
+
+
+def _print_promotion(promo: Any, json_out: bool) -> None:
+    if json_out:
+        print_json(promo.to_dict())
+        return
+    from rich.table import Table
+
+    d = promo.to_dict()
+    table = Table(title=f"gate for {d['name']}:{d['version']} → @{d['alias']} ({d['gate_source']})")
+    for col in ("check", "value", "threshold", "result"):
+        table.add_column(col)
+    for c in d["checks"]:
+        mark = "[green]pass[/]" if c["passed"] else "[red]FAIL[/]"
+        table.add_row(c["expr"], _fmt(c["value"]), _fmt(c["threshold"]), f"{mark} {c['reason']}")
+    if d["checks"]:
+        console.print(table)
+    else:
+        console.print("no gate checks (an empty gate passes)")
+    if d["moved"]:
+        forced = " [yellow](forced past a failing gate)[/]" if d["forced"] else ""
+        console.print(f"{d['name']}@{d['alias']}: {_fmt(d['previous'])} → {d['version']}{forced}")

@@ -46,6 +46,14 @@ class TrainingInterrupted(LoftError):
     """A run stopped on SIGINT/SIGTERM after saving a checkpoint; resume with --resume."""
 
 
+class GateRefused(LoftError):
+    """A promotion gate failed; ``promotion`` holds every check with its value."""
+
+    def __init__(self, message: str, *, promotion: object = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.promotion = promotion
+
+
 # class -> (CLI exit code, HTTP status). Looked up by walking the MRO, so subclasses inherit.
 ERROR_TABLE: dict[type[LoftError], tuple[int, int]] = {
     ConfigError: (2, 400),
@@ -54,6 +62,7 @@ ERROR_TABLE: dict[type[LoftError], tuple[int, int]] = {
     HardwareError: (2, 400),
     IntegrityError: (1, 409),
     TrainingInterrupted: (130, 503),
+    GateRefused: (3, 409),
     LoftError: (1, 500),
 }
 

@@ -20,12 +20,11 @@ from typing import Any
 from loft.core.errors import ConfigError, DataError
 from loft.core.specs import TrackingSpec
 from loft.evaluate.loading import Target, load_target, registry_module
-from loft.evaluate.rouge import rouge_l
 from loft.evaluate.scorers import SCORERS
 
 Scorer = Callable[[str, str], float]
 LOSS_METRICS = ("eval_loss", "perplexity")
-GENERATION_SCORERS: dict[str, Scorer] = {**SCORERS, "rouge_l": rouge_l}
+GENERATION_SCORERS: dict[str, Scorer] = dict(SCORERS)
 DEFAULT_METRICS = ("eval_loss", "json_exact_match")
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loft.core.errors import ConfigError
+from loft.evaluate.rouge import rouge_l
 
 _DECODER = json.JSONDecoder()
 
@@ -55,6 +56,7 @@ def json_field_accuracy(pred: str, ref: str) -> dict[str, float]:
 SCORERS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "json_exact_match": json_exact_match,
+    "rouge_l": rouge_l,
 }
 
 
