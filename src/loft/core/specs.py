@@ -44,6 +44,9 @@ class DataSpec(Strict):
     dedup: bool = True
     near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0)
     pii: Literal["report", "redact", "off"] = "report"
+    canaries: int = Field(
+        0, ge=0, le=10_000, description="Random canary records inserted for a memorisation audit."
+    )
 
 
 class LoraSpec(Strict):
