@@ -67,6 +67,11 @@ def register(root: typer.Typer) -> None:
             f"({(tuned.score - base.score) * 100:+.1f} points); train {train_s:.0f}s, "
             f"total {total_s:.0f}s; run {run.run_dir}"
         )
+        if run.summary.get("registered"):
+            console.print(
+                f"registered as {run.summary['registered']}: "
+                f"`loft registry show {run.summary['registered']}`"
+            )
         result = {
             "metric": "json_exact_match",
             "base": round(base.score, 4),
