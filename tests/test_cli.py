@@ -119,3 +119,17 @@ def test_debug_shows_traceback(tmp_path):
 def test_usage_error_exits_2():
     r = _loft("train", "--no-such-flag")
     assert r.returncode == 2
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_last_line_is_its_json_contract(loft_home):
+    """A short demo (2 tickets, 2 steps) on the real model: the last line is one JSON object."""
+    import json
+
+    r = _loft("demo", "--n", "2", "--set", "training.max_steps=2", "-q")
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(last) == {"metric", "base", "tuned", "train_s", "total_s", "run_dir"}
+    assert last["metric"] == "json_exact_match" and 0.0 <= last["tuned"] <= 1.0
+    assert (Path(last["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()

@@ -33,20 +33,20 @@ def register(root: typer.Typer) -> None:
         from loft.cli.output import console
         from loft.core.config import load_config
         from loft.evaluate import evaluate_generation, load_jsonl_records
-        from loft.models import load_causal_lm, load_tokenizer, resolve_model
+        from loft.evaluate.loading import load_target
         from loft.train import train
 
         t0 = time.time()
         cfg = load_config(config, set_)
         records = load_jsonl_records(heldout)[:n]
-        info = resolve_model(cfg.base_model)
-        tokenizer = load_tokenizer(info)
         gen = {"max_new_tokens": max_new_tokens, "progress": not quiet}
 
-        console.print(f"[bold]1/3[/] base model {info.name} on {len(records)} held-out tickets")
-        base_model = load_causal_lm(info).eval()
-        base = evaluate_generation(base_model, tokenizer, records, **gen)
-        del base_model
+        base_target = load_target(cfg.base_model)
+        console.print(
+            f"[bold]1/3[/] base model {base_target.name} on {len(records)} held-out tickets"
+        )
+        base = evaluate_generation(base_target.model, base_target.tokenizer, records, **gen)
+        del base_target
         console.print(f"    base exact match: {base.score:.1%}")
 
         console.print(f"[bold]2/3[/] LoRA fine-tune ({config.name})")
@@ -55,8 +55,8 @@ def register(root: typer.Typer) -> None:
         train_s = time.time() - t_train
 
         console.print(f"[bold]3/3[/] tuned adapter on the same {len(records)} tickets")
-        tuned_model = _load_tuned(info, run.output_path)
-        tuned = evaluate_generation(tuned_model, tokenizer, records, **gen)
+        tuned_target = load_target(str(run.output_path))  # merged adapter, its own template
+        tuned = evaluate_generation(tuned_target.model, tuned_target.tokenizer, records, **gen)
         total_s = time.time() - t0
 
         _print_table(console, base, tuned)
@@ -81,17 +81,6 @@ def register(root: typer.Typer) -> None:
             "run_dir": str(run.run_dir),
         }
         print(json.dumps(result))
-
-
-def _load_tuned(info, output_path: Path):
-    from peft import PeftModel
-
-    from loft.models import load_causal_lm, resolve_model
-
-    if (output_path / "adapter_config.json").is_file():
-        base = load_causal_lm(info)
-        return PeftModel.from_pretrained(base, output_path).merge_and_unload().eval()
-    return load_causal_lm(resolve_model(str(output_path))).eval()  # a full fine-tune
 
 
 def _print_table(console, base, tuned) -> None:
