@@ -43,17 +43,19 @@ def _root(
 
 
 def _register() -> None:
-    from loft.cli import data, demo, models, registry, runs, train
+    from loft.cli import audit, data, demo, models, registry, runs, train, watch
     from loft.cli import eval as eval_cmd
 
     app.add_typer(models.app, name="models")
     app.add_typer(data.app, name="data")
     app.add_typer(runs.app, name="runs")
     app.add_typer(registry.app, name="registry")
+    app.add_typer(audit.app, name="audit")
     train.register(app)
     runs.register(app)
     demo.register(app)
     eval_cmd.register(app)
+    watch.register(app)
 
 
 _register()

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from loft.cli.output import console, print_json
+from loft.cli.output import console, human_size, print_json
 
 app = typer.Typer(
     help="Base models: the builtin SmolLM2-135M-Instruct, local directories, added models.",
@@ -15,15 +15,7 @@ app = typer.Typer(
 )
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+_size = human_size
 
 
 def _params(n: int | None) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from loft.cli.output import console, print_json
+from loft.cli.output import console, human_size, print_json
 
 app = typer.Typer(
     help="Registered model versions: lineage cards, integrity checks, aliases and rollback.",
@@ -19,13 +19,7 @@ app = typer.Typer(
 JSON_OPT = typer.Option(False, "--json", help="Print stable JSON instead of text.")
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+_size = human_size
 
 
 def _fmt(value: Any) -> str:

@@ -127,3 +127,22 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``{}`` when the file is absent or holds no object.
+
+    An unreadable or malformed file is a ConfigError naming it (never a silent empty dict).
+    """
+    from loft.core.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"{path} is unreadable or not valid JSON ({e}).", hint=f"Fix or restore {path}."
+        ) from None
+    return doc if isinstance(doc, dict) else {}

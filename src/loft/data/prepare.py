@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from loft.core.errors import DataError, IntegrityError, NotFoundError
 from loft.core.paths import atomic_dir, atomic_write_json, datasets_dir
 from loft.core.specs import DataSpec
+from loft.data.canaries import CANARIES_FILE, canaries_doc, canary_records, make_canaries
 from loft.data.clean import dedup, remove_overlap, scan_pii
 from loft.data.formats import Record, canonical_json
 from loft.data.readers import FileResult, read_file
@@ -103,6 +104,7 @@ def _settings(spec: DataSpec) -> dict[str, Any]:
         "near_dup_threshold": spec.near_dup_threshold if spec.dedup else None,
         "pii": spec.pii,
         "skip_invalid": spec.skip_invalid,
+        **({"canaries": spec.canaries} if spec.canaries else {}),
     }
 
 
@@ -270,6 +272,13 @@ def prepare_dataset(spec: DataSpec, tokenizer: Any, *, progress: bool = True) ->
 
     scanned, pii = scan_pii(train_records + eval_records, mode=spec.pii)
     train_records, eval_records = scanned[: len(train_records)], scanned[len(train_records) :]
+    canaries: dict[str, Any] | None = None
+    if spec.canaries:  # after dedup, split and PII, so they are all trained on and never dropped
+        canaries = _canaries(spec.canaries, fp)
+        train_records = train_records + [
+            Record(file="<canaries>", line=i, format="chat", data=d)
+            for i, d in enumerate(canary_records(canaries["canaries"]))
+        ]
 
     train_rows, t_trunc, t_empty = _tokenize(
         train_records, tokenizer, spec, "tokenizing train", progress
@@ -281,6 +290,7 @@ def prepare_dataset(spec: DataSpec, tokenizer: Any, *, progress: bool = True) ->
     counts["empty_after_truncation"] = e_empty + t_empty
     counts["train_records"] = len(train_rows["length"])
     counts["eval_records"] = len(eval_rows["length"])
+    counts["canaries"] = spec.canaries
     if not counts["train_records"]:
         raise DataError(
             f"{train_res.path}: no training rows left after cleaning and truncation "
@@ -303,7 +313,7 @@ def prepare_dataset(spec: DataSpec, tokenizer: Any, *, progress: bool = True) ->
         "stats": {"train": length_stats(train_rows), "eval": length_stats(eval_rows)},
         "problems": [p for r in (train_res, eval_res) if r for p in r.problems][:MAX_SHOWN],
     }
-    _save(fp, report, train_rows, eval_rows)
+    _save(fp, report, train_rows, eval_rows, canaries)
     prepared = load_prepared(fp)
     prepared.report["cached"] = False
     return prepared
@@ -329,7 +339,19 @@ def _say(msg: str) -> None:
     Console(stderr=True, highlight=False).print(f"[yellow]warning:[/] {msg}")
 
 
-def _save(fp: str, report: dict[str, Any], train_rows: dict, eval_rows: dict) -> None:
+def _canaries(n: int, fp: str) -> dict[str, Any]:
+    """``n`` canaries seeded by the fingerprint, so the same inputs give the same canaries."""
+    seed = int(fp[:16], 16)
+    return canaries_doc(make_canaries(n, seed), seed)
+
+
+def _save(
+    fp: str,
+    report: dict[str, Any],
+    train_rows: dict,
+    eval_rows: dict,
+    canaries: dict[str, Any] | None = None,
+) -> None:
     final = datasets_dir() / fp
     try:
         with _quiet_datasets(), atomic_dir(final, overwrite=not (final / MANIFEST).exists()) as tmp:
@@ -337,6 +359,8 @@ def _save(fp: str, report: dict[str, Any], train_rows: dict, eval_rows: dict) ->
             if eval_rows["length"]:
                 _to_dataset(eval_rows).save_to_disk(str(tmp / "eval"))
             atomic_write_json(tmp / REPORT, report)
+            if canaries is not None:
+                atomic_write_json(tmp / CANARIES_FILE, canaries)
             files = {
                 str(p.relative_to(tmp)): {"sha256": _sha256_file(p), "size": p.stat().st_size}
                 for p in sorted(tmp.rglob("*"))

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
+from loft.core.paths import read_json_object
 from loft.models import load_causal_lm, load_tokenizer, resolve_model
 from loft.models.manifest import combined_digest, hash_weights, pickle_files
 
@@ -133,15 +133,7 @@ def _load_base(info: Any, *, name: str, kind: Kind, base_model: str | None = Non
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        msg = f"{path} is not valid JSON ({e})"
-        raise ConfigError(msg, hint=f"Fix or restore {path}.") from None
-    return doc if isinstance(doc, dict) else {}
+_read_json = read_json_object
 
 
 def _lineage_base(folder: Path) -> tuple[str | None, str | None]:

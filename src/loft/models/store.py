@@ -11,7 +11,6 @@ Only safetensors weights are ever loaded: pickle checkpoints (*.bin, *.pt) can r
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError, HardwareError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, models_dir
+from loft.core.paths import atomic_dir, models_dir, read_json_object
 from loft.models.builtin import BUILTIN_NAME, builtin_dir, ensure_builtin, reconvert_hint
 from loft.models.manifest import (
     MANIFEST,
@@ -301,16 +300,7 @@ def describe_model(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            f"{path} is not valid JSON ({e})", hint=f"Fix or re-save {path}."
-        ) from None
-    return doc if isinstance(doc, dict) else {}
+_read_json = read_json_object
 
 
 def _token(value: Any) -> str | None:

@@ -19,7 +19,7 @@ import yaml
 
 from loft import __version__
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
-from loft.core.paths import datasets_dir
+from loft.core.paths import datasets_dir, read_json_object
 from loft.models.manifest import (
     MANIFEST,
     PICKLE_SUFFIXES,
@@ -49,12 +49,7 @@ class Source:
     resolved: dict[str, Any] | None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is unreadable or not valid JSON ({e}).") from None
-    return doc if isinstance(doc, dict) else {}
+_read_json = read_json_object
 
 
 def _kind_of(folder: Path) -> str:
