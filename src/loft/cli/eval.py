@@ -36,6 +36,22 @@ def register(root: typer.Typer) -> None:
         n: int | None = typer.Option(None, "--n", min=1, help="Score only the first N records."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        lm_eval: str | None = typer.Option(
+            None,
+            "--lm-eval",
+            metavar="TASKS",
+            help="Comma-separated lm-evaluation-harness tasks (e.g. loft_tickets_mc,hellaswag) "
+            "run on the model and the baseline; standard tasks need their data in the HF cache.",
+        ),
+        lm_eval_include: Path | None = typer.Option(
+            None,
+            "--lm-eval-include",
+            metavar="DIR",
+            help="Folder of custom lm-eval task YAMLs (default: examples/lm_eval).",
+        ),
+        lm_eval_limit: int | None = typer.Option(
+            None, "--lm-eval-limit", min=1, help="Score only the first N items of each task."
+        ),
     ) -> None:
         """Evaluate MODEL_REF on --data; with --baseline, show both and the delta per metric.
 
@@ -49,6 +65,14 @@ def register(root: typer.Typer) -> None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+        tasks: list[str] = []
+        include: Path | None = None
+        if lm_eval:
+            from loft.evaluate.lmeval import check_tasks_available, default_include, parse_tasks
+
+            tasks = parse_tasks(lm_eval)
+            include = lm_eval_include or default_include()
+            check_tasks_available(tasks, include)  # before any model is loaded
         report = evaluate_model(
             model_ref,
             data,
@@ -60,6 +84,14 @@ def register(root: typer.Typer) -> None:
             n=n,
             progress=not (quiet or json_out),
         )
+        if tasks:
+            from loft.evaluate.lmeval import regression
+
+            rows = regression(model_ref, baseline, tasks, include_path=include, limit=lm_eval_limit)
+            report.rows.extend(rows)
+            report.candidate.update({r["metric"]: r["candidate"] for r in rows})
+            if report.baseline is not None:
+                report.baseline.update({r["metric"]: r["baseline"] for r in rows})
         if json_out:
             print_json(report.to_dict())
             return

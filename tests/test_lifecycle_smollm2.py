@@ -1,0 +1,79 @@
+"""The issue-4 lifecycle on the real SmolLM2-135M: train → registered → eval table → gated
+promotion (a worse version refused, the failing check named) → rollback → tamper refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TICKETS = ROOT / "examples" / "support_tickets"
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _loft(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "loft.cli.main", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: Path):
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join((TICKETS / "heldout.jsonl").read_text().splitlines(True)[:4]))
+    runs = []
+    for lr in ("1e-3", "1e-9"):  # a real tune, and a deliberately worse (untrained) one
+        r = _loft(
+            "train", str(TICKETS / "lora.yaml"), "-q",
+            "--set", "training.max_steps=4", "--set", f"training.lr={lr}",
+            "--set", "training.eval_every=4", "--set", "training.save_every=100",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        runs.append(Path(r.stdout.strip().splitlines()[-1]))
+
+    listed = json.loads(_loft("registry", "list", "--json").stdout)
+    assert [m["name"] for m in listed] == ["support_tickets-lora"]
+    shown = json.loads(_loft("registry", "show", "support_tickets-lora:1", "--json").stdout)
+    assert shown["lineage"]["base_model"] == "smollm2-135m-instruct"
+    assert shown["lineage"]["dataset_fingerprint"]
+    assert all(len(f["sha256"]) == 64 for f in shown["files"])
+
+    r = _loft(
+        "eval", "support_tickets-lora:1", "--data", str(heldout),
+        "--metrics", "eval_loss,json_exact_match", "--baseline", "smollm2-135m-instruct",
+        "--max-new-tokens", "24", "-q",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "eval_loss" in r.stdout and "json_exact_match" in r.stdout
+    r = _loft("eval", "support_tickets-lora:2", "--data", str(heldout), "--metrics", "eval_loss")
+    assert r.returncode == 0, r.stderr
+
+    gate = tmp_path / "gate.yaml"
+    gate.write_text("gate:\n  - eval_loss <= champion + 0.02\n")
+    assert (
+        _loft("registry", "promote", "support_tickets-lora:1", "--gate", str(gate)).returncode == 0
+    )
+    r = _loft("registry", "promote", "support_tickets-lora:2", "--gate", str(gate))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "eval_loss <= champion + 0.02" in r.stdout + r.stderr
+    assert _loft("registry", "promote", "support_tickets-lora:2", "--force").returncode == 0
+    assert _loft("registry", "rollback", "support_tickets-lora").returncode == 0
+    champ = json.loads(_loft("registry", "show", "support_tickets-lora@champion", "--json").stdout)
+    assert champ["version"] == 1
+
+    adapter = Path(champ["path"]) / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    for args in (
+        ("registry", "verify", "support_tickets-lora:1"),
+        ("eval", "support_tickets-lora:1", "--data", str(heldout), "--metrics", "eval_loss"),
+    ):
+        r = _loft(*args)
+        assert r.returncode != 0 and "adapter_model.safetensors" in r.stderr, r.stderr

@@ -1,0 +1,125 @@
+"""lm-evaluation-harness regression: the shipped custom task, offline checks, registry, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loft.core.errors import NotFoundError
+from loft.evaluate import lmeval
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "lm_eval"
+TASK = "loft_tickets_mc"
+
+
+@pytest.mark.unit
+def test_shipped_task_data_is_balanced_and_labelled():
+    cfg = yaml.safe_load((EXAMPLES / f"{TASK}.yaml").read_text())
+    rows = [json.loads(line) for line in (EXAMPLES / f"{TASK}.jsonl").read_text().splitlines()]
+    choices = cfg["doc_to_choice"]
+    assert cfg["dataset_path"] == "json" and len(rows) == 30
+    assert sorted({r["label"] for r in rows}) == list(range(len(choices)))
+    assert all(sum(r["label"] == i for r in rows) == 6 for i in range(len(choices)))
+
+
+@pytest.mark.unit
+def test_resolved_include_makes_data_files_absolute(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lm-eval would resolve a relative path against this
+    with lmeval.resolved_include(EXAMPLES) as include:
+        assert include is not None
+        cfg = yaml.safe_load((include / f"{TASK}.yaml").read_text())
+        test_file = Path(cfg["dataset_kwargs"]["data_files"]["test"])
+        assert test_file.is_absolute() and test_file.is_file()
+    assert not include.exists()  # the temp copy is cleaned up
+
+
+@pytest.mark.unit
+def test_custom_task_runs_on_tiny_model(tiny_model: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # works from any working directory
+    out = lmeval.run_lm_eval(str(tiny_model), [TASK], include_path=EXAMPLES, limit=5)
+    assert set(out) == {f"{TASK}/acc", f"{TASK}/acc_norm"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+@pytest.mark.unit
+def test_unknown_task_refused_before_loading(monkeypatch):
+    def boom(ref):  # pragma: no cover - must not be reached
+        raise AssertionError("model loaded before the task check")
+
+    monkeypatch.setattr(lmeval, "load_target", boom)
+    with pytest.raises(NotFoundError, match="no_such_task_xyz"):
+        lmeval.run_lm_eval("whatever", ["no_such_task_xyz"], include_path=EXAMPLES)
+
+
+@pytest.mark.unit
+def test_standard_task_without_cached_data_names_dataset_and_fix(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(lmeval, "_hf_caches", lambda: (tmp_path / "ds", tmp_path / "hub"))
+    monkeypatch.setattr(lmeval, "load_target", lambda ref: pytest.fail("model loaded"))
+    with pytest.raises(NotFoundError) as err:
+        lmeval.run_lm_eval("whatever", ["hellaswag"], include_path=EXAMPLES)
+    msg = str(err.value)
+    assert "Rowan/hellaswag" in msg and "hellaswag" in msg
+    assert "datasets.load_dataset('Rowan/hellaswag')" in msg and "--lm-eval-include" in msg
+
+
+@pytest.mark.unit
+def test_standard_task_with_cached_data_passes_the_check(tmp_path: Path, monkeypatch):
+    (tmp_path / "hub" / "datasets--allenai--ai2_arc").mkdir(parents=True)
+    monkeypatch.setattr(lmeval, "_hf_caches", lambda: (tmp_path / "ds", tmp_path / "hub"))
+    lmeval.check_tasks_available(["arc_easy"], EXAMPLES)
+
+
+@pytest.mark.unit
+def test_missing_custom_data_file_refused(tmp_path: Path):
+    (tmp_path / "t.yaml").write_text(
+        (EXAMPLES / f"{TASK}.yaml").read_text().replace(f"{TASK}.jsonl", "gone.jsonl")
+    )
+    with pytest.raises(NotFoundError, match="gone.jsonl"):
+        lmeval.check_tasks_available([TASK], tmp_path)
+
+
+@pytest.mark.unit
+def test_regression_records_results_on_registry_version(loft_home: Path, tiny_model: Path):
+    import loft.registry
+
+    mv = loft.registry.register(tiny_model, name="lmeval-bot")
+    rows = lmeval.regression(
+        f"{mv.name}:{mv.version}", str(tiny_model), [TASK], include_path=EXAMPLES, limit=5
+    )
+    by_metric = {r["metric"]: r for r in rows}
+    assert set(by_metric) == {f"{TASK}/acc", f"{TASK}/acc_norm"}
+    # same weights on both sides: the delta is exactly zero
+    assert all(r["delta"] == 0.0 for r in rows)
+    card = loft.registry.get_version(f"{mv.name}:{mv.version}").card
+    assert card["metrics"][f"{TASK}/acc"] == by_metric[f"{TASK}/acc"]["candidate"]
+    assert card["metrics"][TASK] == by_metric[f"{TASK}/acc_norm"]["candidate"]
+
+
+@pytest.mark.unit
+def test_cli_eval_shows_lm_eval_row(loft_home: Path, tiny_model: Path, tmp_path: Path):
+    from loft.cli.main import app
+
+    data = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]
+    data.write_text("\n".join(json.dumps({"messages": msgs}) for _ in range(3)) + "\n")
+    args = ["eval", str(tiny_model), "--data", str(data), "--metrics", "eval_loss"]
+    args += ["--lm-eval", TASK, "--lm-eval-include", str(EXAMPLES), "--lm-eval-limit", "3"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    metrics = {r["metric"] for r in report["rows"]}
+    assert {"eval_loss", f"{TASK}/acc"} <= metrics
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0, table.output
+    assert f"{TASK}/acc" in table.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_custom_task_on_smollm2(smollm2):
+    out = lmeval.run_lm_eval("smollm2-135m-instruct", [TASK], include_path=EXAMPLES, limit=20)
+    assert 0.0 <= out[f"{TASK}/acc"] <= 1.0
