@@ -290,7 +290,8 @@ def prepare_dataset(spec: DataSpec, tokenizer: Any, *, progress: bool = True) ->
     counts["empty_after_truncation"] = e_empty + t_empty
     counts["train_records"] = len(train_rows["length"])
     counts["eval_records"] = len(eval_rows["length"])
-    counts["canaries"] = spec.canaries
+    if spec.canaries:
+        counts["canaries"] = spec.canaries
     if not counts["train_records"]:
         raise DataError(
             f"{train_res.path}: no training rows left after cleaning and truncation "

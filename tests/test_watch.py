@@ -1,0 +1,125 @@
+"""Continuous evaluation: `loft watch` marks a failing alias degraded and can roll it back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loft.cli.main import main
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory, _session_home: Path, tiny_model: Path):
+    """One tiny LoRA run registered twice; champion moved to 1, then to 2."""
+    from loft.core.config import validate_config
+    from loft.train import train
+
+    root = tmp_path_factory.mktemp("watch")
+    home = root / "home"
+    home.mkdir()
+    (home / "models").symlink_to(_session_home / "models", target_is_directory=True)
+    data = root / "chat.jsonl"
+    rows = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!")]
+    data.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for q, a in rows
+        )
+    )
+    cfg = {
+        "base_model": str(tiny_model),
+        "data": {"train": str(data), "eval_fraction": 0.0, "max_seq_len": 64, "dedup": False},
+        "lora": {"r": 2, "alpha": 4},
+        "training": {"max_steps": 1, "micro_batch_size": 2, "precision": "fp32"},
+        "output_dir": str(root / "run"),
+        "register": False,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOFT_HOME", str(home))
+        mp.setenv("COLUMNS", "200")
+        train(validate_config(cfg), progress=False)
+        from loft.registry import move_alias, register
+
+        register(root / "run", name="watched", metrics={"eval_loss": 50.0})
+        register(root / "run", name="watched", metrics={"eval_loss": 50.0})
+        move_alias("watched", "champion", 1, reason="first")
+        move_alias("watched", "champion", 2, reason="second")
+        yield root, data
+
+
+def _run(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _gate(root: Path, name: str, *exprs: str) -> str:
+    path = root / name
+    path.write_text("gate:\n" + "".join(f"  - {e}\n" for e in exprs))
+    return str(path)
+
+
+def test_watch_healthy_then_degraded_with_rollback(watched, capsys: pytest.CaptureFixture):
+    from loft.evaluate.continuous import check_alias
+    from loft.registry import get_version, history
+
+    root, data = watched
+    ok = _gate(root, "ok.yaml", "eval_loss <= 1000", "eval_loss <= champion + 1000")
+    capsys.readouterr()
+    assert _run("watch", "watched@champion", "--data", str(data), "--gate", ok, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["passed"] and result["version"] == 2 and result["degraded"] is None
+    assert [c["passed"] for c in result["checks"]] == [True, True]
+    assert "skipped" not in result["checks"][1]["reason"]  # compared with version 1's 50.0
+    mv = get_version("watched@champion", verify=False)
+    assert mv.version == 2 and mv.card["degraded"] is None
+    assert "eval_loss" in mv.card["metrics"] and mv.card["metrics"]["eval_loss"] != 50.0
+
+    # without --rollback: degraded, alias unchanged
+    bad = _gate(root, "bad.yaml", "eval_loss <= 0.0001")
+    direct = check_alias("watched@champion", data, bad)
+    assert not direct["passed"] and direct["rolled_back_to"] is None
+    assert "eval_loss <= 0.0001" in direct["degraded"]
+    assert get_version("watched@champion", verify=False).version == 2
+
+    # with --rollback: exit 3, the failing check named, champion back on version 1
+    capsys.readouterr()
+    code = _run("watch", "watched@champion", "--data", str(data), "--gate", bad, "--rollback")
+    assert code == 3
+    out = capsys.readouterr()
+    assert "eval_loss <= 0.0001" in out.out + out.err and "FAIL" in out.out
+    assert get_version("watched@champion", verify=False).version == 1
+    degraded = get_version("watched:2", verify=False).card["degraded"]
+    assert "eval_loss <= 0.0001" in degraded["reason"]
+    last = history("watched")[-1]
+    assert last["rollback"] is True and last["from"] == 2 and last["to"] == 1
+    assert get_version("watched:1", verify=False).card["degraded"] is None
+
+
+def test_watch_relative_check_without_previous_is_skipped(watched):
+    from loft.evaluate.continuous import run_checks
+    from loft.evaluate.gates import parse_gate
+
+    checks = parse_gate(["eval_loss <= champion + 0.1", "exact_match >= 0.5"])
+    results = run_checks(checks, {"eval_loss": 3.0}, None, "watched:1")
+    assert all(r.passed for r in results)
+    assert results[0].reason.startswith("skipped: no previous version")
+    assert results[1].reason.startswith("skipped: 'exact_match' was not measured")
+
+
+def test_watch_refuses_a_non_alias_ref(watched):
+    from loft.core.errors import ConfigError
+    from loft.evaluate.continuous import check_alias
+
+    root, data = watched
+    with pytest.raises(ConfigError, match="alias"):
+        check_alias("watched:2", data, _gate(root, "g.yaml", "eval_loss <= 1"))
