@@ -116,10 +116,19 @@ def _close(needle: str, haystack: str) -> bool:
     return False
 
 
+# every shipped YAML is a training config, except lm-eval task definitions (tested in test_lmeval)
+TRAIN_CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if "lm_eval" not in p.parts)
+
+
 @pytest.mark.unit
-@pytest.mark.parametrize(
-    "path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(EXAMPLES))
-)
+def test_every_shipped_yaml_is_accounted_for() -> None:
+    lm_eval_tasks = sorted((EXAMPLES / "lm_eval").glob("*.yaml"))
+    assert sorted(EXAMPLES.rglob("*.yaml")) == sorted(TRAIN_CONFIGS + lm_eval_tasks)
+    assert len(TRAIN_CONFIGS) >= 4
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_example_config_validates(path: Path) -> None:
     cfg = load_config(path)
     assert Path(cfg.data.train).is_file(), cfg.data.train
