@@ -28,11 +28,12 @@ def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join((TICKETS / "heldout.jsonl").read_text().splitlines(True)[:4]))
     runs = []
-    for lr in ("1e-3", "1e-9"):  # a real tune, and a deliberately worse (untrained) one
+    for lr, canaries in (("1e-3", 3), ("1e-9", 0)):  # a real tune; a deliberately worse one
         r = _loft(
             "train", str(TICKETS / "lora.yaml"), "-q",
             "--set", "training.max_steps=4", "--set", f"training.lr={lr}",
             "--set", "training.eval_every=4", "--set", "training.save_every=100",
+            "--set", f"data.canaries={canaries}",
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         runs.append(Path(r.stdout.strip().splitlines()[-1]))
@@ -66,6 +67,22 @@ def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: 
     assert _loft("registry", "rollback", "support_tickets-lora").returncode == 0
     champ = json.loads(_loft("registry", "show", "support_tickets-lora@champion", "--json").stdout)
     assert champ["version"] == 1
+
+    # memorisation audit of the canaries inserted into v1's training data (4 steps: not memorised)
+    r = _loft("audit", "canaries", "support_tickets-lora:1", "--candidates", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    audit = json.loads(r.stdout)
+    assert len(audit["canaries"]) == 3 and all(c["rank"] >= 1 for c in audit["canaries"])
+
+    # continuous evaluation of what the champion serves: healthy, then a gate it cannot meet
+    ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"
+    ok.write_text("gate:\n  - eval_loss <= 100\n")
+    bad.write_text("gate:\n  - eval_loss <= 0.0001\n")
+    watch = ("watch", "support_tickets-lora@champion", "--data", str(heldout), "--gate")
+    assert _loft(*watch, str(ok)).returncode == 0
+    assert _loft(*watch, str(bad)).returncode == 3
+    shown = json.loads(_loft("registry", "show", "support_tickets-lora:1", "--json").stdout)
+    assert shown["degraded"]
 
     adapter = Path(champ["path"]) / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())

@@ -174,6 +174,9 @@ def ui(
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C must stop us even when SIGINT was ignored by whoever started us (a nohup'd shell,
+    # a CI runner, a test harness): an ignored SIGINT is inherited across exec.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -181,6 +184,7 @@ def ui(
         code = 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     if code:
         raise typer.Exit(code)
 
