@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from loft.cli.main import main
+from helpers import run_cli, trained_tiny_home
 
 pytestmark = pytest.mark.unit
 
@@ -19,53 +18,22 @@ def home(tmp_path_factory: pytest.TempPathFactory, _session_home: Path, tiny_mod
     from loft.train import train
 
     root = tmp_path_factory.mktemp("promotion")
-    home = root / "home"
-    home.mkdir()
-    (home / "models").symlink_to(_session_home / "models", target_is_directory=True)
-    data = root / "chat.jsonl"
-    rows = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!")]
-    data.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"{q} ({i})"},
-                        {"role": "assistant", "content": a},
-                    ]
-                }
-            )
-            + "\n"
-            for i, (q, a) in enumerate(rows * 2)
-        )
-    )
-    cfg = {
-        "base_model": str(tiny_model),
-        "data": {"train": str(data), "eval_fraction": 0.0, "max_seq_len": 64, "dedup": False},
-        "lora": {"r": 2, "alpha": 4},
-        "training": {"max_steps": 1, "micro_batch_size": 2, "precision": "fp32"},
-        "output_dir": str(root / "run"),
-        "register": False,
-    }
+    home, run_dir, data, cfg = trained_tiny_home(root, _session_home, tiny_model, repeat=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOFT_HOME", str(home))
         train(validate_config(cfg), progress=False)
         from loft.registry import register
 
-        register(root / "run", name="bot", metrics={"eval_loss": 1.00, "exact_match": 0.90})
-        register(root / "run", name="bot", metrics={"eval_loss": 1.50, "exact_match": 0.60})
-        register(root / "run", name="bot", metrics={"eval_loss": 0.95, "exact_match": 0.92})
+        register(run_dir, name="bot", metrics={"eval_loss": 1.00, "exact_match": 0.90})
+        register(run_dir, name="bot", metrics={"eval_loss": 1.50, "exact_match": 0.60})
+        register(run_dir, name="bot", metrics={"eval_loss": 0.95, "exact_match": 0.92})
         gate = root / "gate.yaml"
         gate.write_text("gate:\n  - eval_loss <= champion + 0.02\n  - exact_match >= 0.8\n")
         mp.setenv("COLUMNS", "200")
         yield gate
 
 
-def _run(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+_run = run_cli
 
 
 def test_promote_refuse_force_and_rollback(home: Path, capsys: pytest.CaptureFixture):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loft.cli.main import main
+from helpers import run_cli, trained_tiny_home
 
 pytestmark = pytest.mark.unit
 
@@ -19,47 +19,21 @@ def watched(tmp_path_factory: pytest.TempPathFactory, _session_home: Path, tiny_
     from loft.train import train
 
     root = tmp_path_factory.mktemp("watch")
-    home = root / "home"
-    home.mkdir()
-    (home / "models").symlink_to(_session_home / "models", target_is_directory=True)
-    data = root / "chat.jsonl"
-    rows = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!")]
-    data.write_text(
-        "".join(
-            json.dumps(
-                {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            )
-            + "\n"
-            for q, a in rows
-        )
-    )
-    cfg = {
-        "base_model": str(tiny_model),
-        "data": {"train": str(data), "eval_fraction": 0.0, "max_seq_len": 64, "dedup": False},
-        "lora": {"r": 2, "alpha": 4},
-        "training": {"max_steps": 1, "micro_batch_size": 2, "precision": "fp32"},
-        "output_dir": str(root / "run"),
-        "register": False,
-    }
+    home, run_dir, data, cfg = trained_tiny_home(root, _session_home, tiny_model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOFT_HOME", str(home))
         mp.setenv("COLUMNS", "200")
         train(validate_config(cfg), progress=False)
         from loft.registry import move_alias, register
 
-        register(root / "run", name="watched", metrics={"eval_loss": 50.0})
-        register(root / "run", name="watched", metrics={"eval_loss": 50.0})
+        register(run_dir, name="watched", metrics={"eval_loss": 50.0})
+        register(run_dir, name="watched", metrics={"eval_loss": 50.0})
         move_alias("watched", "champion", 1, reason="first")
         move_alias("watched", "champion", 2, reason="second")
         yield root, data
 
 
-def _run(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+_run = run_cli
 
 
 def _gate(root: Path, name: str, *exprs: str) -> str:

@@ -1,0 +1,43 @@
+"""Shared test helpers (plain functions; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHAT_ROWS = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!")]
+
+
+def run_cli(*args: str) -> int:
+    """Run `loft ARGS` in-process through the real entry point; return its exit code."""
+    from loft.cli.main import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def trained_tiny_home(root: Path, session_home: Path, tiny_model: Path, repeat: int = 1):
+    """A LOFT_HOME under ``root`` (models/ linked to the session's) and the config of one tiny
+    one-step LoRA run on a small chat file, not registered. Returns (home, run_dir, data, cfg)."""
+    home = root / "home"
+    home.mkdir()
+    (home / "models").symlink_to(session_home / "models", target_is_directory=True)
+    data = root / "chat.jsonl"
+    lines = []
+    for i, (q, a) in enumerate(CHAT_ROWS * repeat):
+        q = f"{q} ({i})" if repeat > 1 else q
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        lines.append(json.dumps({"messages": msgs}) + "\n")
+    data.write_text("".join(lines))
+    cfg = {
+        "base_model": str(tiny_model),
+        "data": {"train": str(data), "eval_fraction": 0.0, "max_seq_len": 64, "dedup": False},
+        "lora": {"r": 2, "alpha": 4},
+        "training": {"max_steps": 1, "micro_batch_size": 2, "precision": "fp32"},
+        "output_dir": str(root / "run"),
+        "register": False,
+    }
+    return home, root / "run", data, cfg
