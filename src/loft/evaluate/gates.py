@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,21 @@ def _raise(problems: list[str], what: str) -> None:
     )
 
 
+def _parse_all(located: Iterable[tuple[str, Any]], what: str) -> list[Check]:
+    """Parse every ``(where, expr)``; report all bad ones together, each at its ``where``."""
+    checks: list[Check] = []
+    problems: list[str] = []
+    for where, expr in located:
+        check, why = _parse_one(expr)
+        if check is None:
+            problems.append(f"  {where}: {why}")
+        else:
+            checks.append(check)
+    if problems:
+        _raise(problems, what)
+    return checks
+
+
 def parse_gate(exprs: list[str], source: str = "gate") -> list[Check]:
     """Parse gate expressions; all bad ones are reported together as ``source[i]: why``."""
     if not isinstance(exprs, list):
@@ -136,17 +151,7 @@ def parse_gate(exprs: list[str], source: str = "gate") -> list[Check]:
             f"{source}: a gate is a list of expressions, got {type(exprs).__name__}",
             hint=SYNTAX_HINT,
         )
-    checks: list[Check] = []
-    problems: list[str] = []
-    for i, expr in enumerate(exprs):
-        check, why = _parse_one(expr)
-        if check is None:
-            problems.append(f"  {source}[{i}]: {why}")
-        else:
-            checks.append(check)
-    if problems:
-        _raise(problems, source)
-    return checks
+    return _parse_all(((f"{source}[{i}]", e) for i, e in enumerate(exprs)), source)
 
 
 def load_gate(path: str | Path) -> list[Check]:
@@ -178,17 +183,11 @@ def load_gate(path: str | Path) -> list[Check]:
     if not isinstance(gate_node, yaml.SequenceNode):
         raise ConfigError(f"{where}: `gate:` must be a list of expressions", hint=SYNTAX_HINT)
     values = yaml.safe_load(text)["gate"]  # the same document, as Python values
-    checks: list[Check] = []
-    problems: list[str] = []
-    for item, expr in zip(gate_node.value, values, strict=True):
-        check, why = _parse_one(expr)
-        if check is None:
-            problems.append(f"  {path}:{item.start_mark.line + 1}: {why}")
-        else:
-            checks.append(check)
-    if problems:
-        _raise(problems, str(path))
-    return checks
+    located = (
+        (f"{path}:{item.start_mark.line + 1}", expr)
+        for item, expr in zip(gate_node.value, values, strict=True)
+    )
+    return _parse_all(located, str(path))
 
 
 def _fmt(x: float) -> str:
