@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 CHAT_ROWS = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!")]
@@ -17,6 +22,75 @@ def run_cli(*args: str) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+def loft_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loft.cli.main", *args]
+
+
+def _env(home: Path | None, extra: dict[str, str] | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra or {})}
+    if home is not None:
+        env["LOFT_HOME"] = str(home)
+    return env
+
+
+def run_loft(
+    *args: str,
+    home: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run `loft ARGS` as users do, in a new process; LOFT_HOME from ``home`` or the test's."""
+    return subprocess.run(
+        loft_argv(*args), capture_output=True, text=True, cwd=cwd, env=_env(home, env),
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def start_loft(
+    *args: str, home: Path | None = None, env: dict[str, str] | None = None, **popen: object
+) -> subprocess.Popen[str]:
+    """Start `loft ARGS` in its own process group (so a test can stop exactly what it started);
+    stdout and stderr are pipes unless given."""
+    popen.setdefault("stdout", subprocess.PIPE)
+    popen.setdefault("stderr", subprocess.PIPE)
+    return subprocess.Popen(
+        loft_argv(*args), text=True, env=_env(home, env), start_new_session=True, **popen
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process this test started and everything it started in turn, by pid; the tree
+    is collected before any kill, so no grandchild is orphaned out of reach."""
+    pids = [*descendants(proc.pid), proc.pid] if proc.poll() is None else descendants(proc.pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait(timeout=30)
 
 
 def linked_home(root: Path, session_home: Path) -> Path:

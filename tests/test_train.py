@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_loft, start_loft
 from loft.core.config import load_config, validate_config
 from loft.core.errors import ConfigError, HardwareError, TrainingInterrupted
 from loft.data.packing import IGNORE_INDEX, pack_batch, pad_batch
@@ -279,18 +278,6 @@ def test_resume_refuses_changed_config(tmp_path, tiny_model, loft_home):
         train(validate_config(cfg), resume=True, progress=False)
 
 
-def _run_cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "loft.cli.main", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **kw,
-    )
-
-
 def _write_yaml(path: Path, cfg: dict) -> Path:
     import yaml
 
@@ -298,64 +285,96 @@ def _write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
+RESUME_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model):
+    """(config, adapter) of a 40-step run nothing interrupted: what a resumed run must equal."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg = tiny_config(root, tiny_model, max_steps=RESUME_STEPS, save_every=3, eval_every=1000)
+    r = run_loft("train", str(_write_yaml(root / "ref.yaml", cfg)), "-q")
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    sessions = json.loads((run_dir / "run_summary.json").read_text())["sessions"]
+    assert [(s["start_step"], s["steps_run"]) for s in sessions] == [(0, RESUME_STEPS)]
+    return cfg, _adapter(run_dir)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    from loft.train.checkpoint import checkpoint_dirs
+
+    deadline = time.monotonic() + 300  # a polling limit, not the assertion
+    while not checkpoint_dirs(run_dir):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run wrote no checkpoint"
+        time.sleep(0.02)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
+
+
+@pytest.mark.integration
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model, loft_home):
-    """Kill -9 mid-run, --resume: final adapter equals an uninterrupted run (max diff <= 1e-6)."""
-    steps = 30
-    ref_cfg = tiny_config(tmp_path / "ref", tiny_model, max_steps=steps, save_every=3)
-    ref = _run_cli(["train", str(_write_yaml(tmp_path / "ref.yaml", ref_cfg)), "-q"])
-    out, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err
-    ref_dir = Path(out.strip().splitlines()[-1])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, loft_home, uninterrupted, sig):
+    """Stop a real `loft train` after its first checkpoint (SIGKILL: no chance to save; SIGINT and
+    SIGTERM: it saves one and exits 130), then --resume: the run's own record shows the resumed
+    process started at the newest checkpoint present when the first one stopped and ran only the
+    remaining steps, and the adapter equals the uninterrupted run's (max diff <= 1e-6)."""
+    from typer.testing import CliRunner
 
-    cfg = dict(ref_cfg, output_dir=str(tmp_path / "killed"))
-    cfg_path = _write_yaml(tmp_path / "killed.yaml", cfg)
-    # slow the victim down so the kill lands mid-run, after at least one checkpoint
-    proc = _run_cli(["train", str(cfg_path), "-q"])
-    ck = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (
-        ck.is_dir() and any(ck.glob("step-*/trainer_state.json"))
-    ):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    summary = json.loads((tmp_path / "killed" / "run_summary.json").read_text())
-    assert summary["status"] == "running"  # died without a chance to say otherwise
-    assert not (tmp_path / "killed" / "adapter").exists()
+    from loft.cli.main import app
+    from loft.train.checkpoint import checkpoint_dirs
 
-    res = _run_cli(["train", str(cfg_path), "-q", "--resume"])
-    out, err = res.communicate(timeout=600)
-    assert res.returncode == 0, err
-    a, b = _adapter(ref_dir), _adapter(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    ref_cfg, ref = uninterrupted
+    run_dir = tmp_path / "run"
+    cfg_path = _write_yaml(tmp_path / "c.yaml", dict(ref_cfg, output_dir=str(run_dir)))
+    proc = start_loft("train", str(cfg_path), "-q")
+    _wait_for_checkpoint(proc, run_dir)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    at_stop = checkpoint_dirs(run_dir)  # the process is gone: this is what it left
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert not (run_dir / "adapter").exists()
+    (first,) = summary["sessions"]
+    assert first["start_step"] == 0 and first["resumed_from"] is None
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL
+        assert summary["status"] == "running"  # died without a chance to say otherwise
+        assert "steps_run" not in first
+    else:  # a checkpoint at the step where it stopped, and a clean exit that says how to resume
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and "--resume" in err
+        assert summary["status"] == first["status"] == "interrupted"
+        assert first["steps_run"] == first["end_step"] == _step(at_stop[-1])
+    stopped_at = _step(at_stop[-1])
+    assert 3 <= stopped_at < RESUME_STEPS, "the run was not stopped mid-way"
+
+    res = run_loft("train", str(cfg_path), "-q", "--resume")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    resumed = summary["sessions"][-1]
+    assert len(summary["sessions"]) == 2 and summary["status"] == "completed"
+    assert resumed["resumed_from"] == at_stop[-1].name
+    assert resumed["start_step"] == stopped_at
+    assert resumed["steps_run"] == RESUME_STEPS - stopped_at
+    assert resumed["end_step"] == summary["steps"] == RESUME_STEPS
+    shown = CliRunner().invoke(app, ["runs", "show", str(run_dir)])
+    assert f"at step {stopped_at} from {at_stop[-1].name}, ran " in shown.output, shown.output
+    out = _adapter(run_dir)
+    assert out.keys() == ref.keys()
+    diff = max(float((ref[k] - out[k]).abs().max()) for k in ref)
     assert diff <= 1e-6, diff
 
 
-@pytest.mark.slow
-def test_sigint_saves_checkpoint_and_exits_cleanly(tmp_path, tiny_model, loft_home):
-    cfg = tiny_config(tmp_path, tiny_model, max_steps=5000, save_every=1000)
-    proc = _run_cli(["train", str(_write_yaml(tmp_path / "c.yaml", cfg))])
-    deadline = time.time() + 120
-    summary = tmp_path / "run" / "run_summary.json"
-    while time.time() < deadline:
-        if summary.is_file() and json.loads(summary.read_text()).get("mlflow_run_id"):
-            break
-        time.sleep(0.2)
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    assert "--resume" in err
-    assert list((tmp_path / "run" / "checkpoints").glob("step-*/trainer_state.json"))
-    assert json.loads(summary.read_text())["status"] == "interrupted"
-
-
 @pytest.mark.unit
-def test_interrupt_is_a_loft_error():
-    assert issubclass(TrainingInterrupted, Exception)
+def test_interrupt_is_a_loft_error_that_exits_130():
+    from loft.core.errors import LoftError, exit_code_for
+
+    assert issubclass(TrainingInterrupted, LoftError)
+    assert exit_code_for(TrainingInterrupted("stopped")) == 130
 
 
 # ---------------------------------------------------------------- config contract

@@ -92,6 +92,9 @@ def show_cmd(
         value = info.get(field)
         if value is not None:
             console.print(f"  {field:<20} {_pretty(field, value)}")
+    for s in (info.get("sessions") or [])[1:]:  # the first session is the run's own start
+        ran = f", ran {s['steps_run']} steps" if "steps_run" in s else ""
+        console.print(f"  {'resumed':<20} at step {s['start_step']} from {s['resumed_from']}{ran}")
     ml = info.get("mlflow")
     if ml:
         where = f"{ml['run_id']} ({ml['status']}) in {ml['tracking_uri']}"

@@ -28,6 +28,10 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def config_digest(config: TrainConfig) -> str:
     doc = config.model_dump(mode="json", exclude=set(_NOT_TRAINING))
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -130,5 +134,5 @@ def lineage(
         "metrics": metrics,
         "loft_version": __version__,
         "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": now_iso(),
     }

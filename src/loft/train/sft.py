@@ -176,12 +176,16 @@ def _train(
         placement=placement.describe(),
     )
     state = {"train_tokens": 0, "recent_losses": [], "eval_loss": None, "train_s": 0.0}
-    start_step = 0
+    start_step, resumed_from = 0, None
     if resume and (ckpts := checkpoint_dirs(run_dir)):
         ck = load_checkpoint(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step, state = ck.step, {**state, **ck.state}
+        start_step, state, resumed_from = ck.step, {**state, **ck.state}, ck.path.name
     else:
         tracker.log_params({**flatten(config.model_dump(mode="json")), **_data_params(dataset)})
+    # one record per process that trained this run: where it started, from which checkpoint,
+    # and (when it ends) how many steps it ran; a SIGKILLed process leaves only its start
+    session = {"started": rundir.now_iso(), "start_step": start_step, "resumed_from": resumed_from}
+    summary["sessions"] = [*summary.get("sessions", []), session]
     rundir.write_summary(run_dir, summary)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -204,6 +208,8 @@ def _train(
         bar.close()
         summary.update(_summary_metrics(state, loop, placement, started))
         summary["status"] = status
+        session.update(steps_run=loop.steps_run, end_step=start_step + loop.steps_run)
+        session["status"] = status
         if status == "completed":
             metrics = {
                 "final_train_loss": summary["final_train_loss"],
@@ -225,6 +231,7 @@ class _Loop:
         self.plan, self.placement, self.pad_id, self.tracker = plan, placement, pad_id, tracker
         self.session_tokens = 0
         self.session_s = 0.0
+        self.steps_run = 0  # optimizer steps taken by this process
 
     def _autocast(self):
         if self.placement.autocast_bf16:
@@ -291,6 +298,7 @@ class _Loop:
             t0 = time.perf_counter()
             loss, ntok = self.step(rows, step)
             dt = time.perf_counter() - t0
+            self.steps_run += 1
             self.session_tokens += ntok
             self.session_s += dt
             state["train_tokens"] += ntok
