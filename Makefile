@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_throughput.py
 	$(PY) bench/planner_accuracy.py
+	$(PY) bench/overheads.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

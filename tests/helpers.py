@@ -85,12 +85,16 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process this test started and everything it started in turn, by pid; the tree
     is collected before any kill, so no grandchild is orphaned out of reach."""
-    pids = [*descendants(proc.pid), proc.pid] if proc.poll() is None else descendants(proc.pid)
+    kill_pids([*descendants(proc.pid), proc.pid] if proc.poll() is None else [])
+    if proc.poll() is None:
+        proc.wait(timeout=30)
+
+
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` still running (processes a test started and collected itself)."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(timeout=30)
 
 
 def linked_home(root: Path, session_home: Path) -> Path:

@@ -1,11 +1,11 @@
-"""Every command's --help works and is instant; errors exit with the documented codes."""
+"""Every command's --help works without importing heavy libraries; errors exit with the
+documented codes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,20 +53,33 @@ def test_help_of_every_command(cmd):
     assert "Usage" in result.output
 
 
-@pytest.mark.unit
-def test_top_level_help_does_not_import_torch():
-    code = "import sys; from loft.cli.main import app; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+# What an accidental top-level import would drag into every `loft ... --help` (seconds each).
+HEAVY = ("torch", "transformers", "peft", "trl", "datasets", "mlflow", "lm_eval", "pandas")
+
+_HELP_IMPORTS = """
+import json, sys
+from loft.cli.main import main
+for cmd in json.loads(sys.argv[1]):
+    try:
+        main([*cmd, "--help"])
+    except SystemExit as e:
+        assert e.code in (0, None), (cmd, e.code)
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))))
+"""
 
 
-@pytest.mark.unit
-def test_help_is_fast():
-    t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "loft.cli.main", "--help"], capture_output=True, check=True
-    )
-    assert time.perf_counter() - t < 20  # generous: catches an accidental torch import at startup
+@pytest.mark.integration
+def test_help_of_every_command_imports_no_heavy_library():
+    """--help is instant because no command imports torch, transformers, mlflow ... until it runs
+    (the startup time itself is measured in bench/overheads.py)."""
+    import json
+
+    code = f"HEAVY = {HEAVY!r}\n{_HELP_IMPORTS}"
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([list(c) for c in ALL])],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def _loft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
