@@ -18,6 +18,31 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+KINDS = ("unit", "integration")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test is exactly one of unit/integration (pyproject.toml says what each means), so
+    `make test-fast` (-m unit) is the inner loop it claims to be; `gpu` tests skip without CUDA."""
+    wrong = [
+        f"{item.nodeid}: {kinds or 'no unit/integration marker'}"
+        for item in items
+        if len(kinds := [k for k in KINDS if item.get_closest_marker(k)]) != 1
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            "tests need exactly one of @unit/@integration:\n" + "\n".join(wrong)
+        )
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason=f"needs CUDA; torch {torch.__version__} sees no GPU")
+            for item in gpu:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("loft_home")

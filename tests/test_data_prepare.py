@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -97,7 +98,8 @@ def test_prepare_writes_rows_report_and_manifest_then_hits_the_cache(
     assert stats["trained_tokens"] == sum(
         sum(lab != IGNORE_INDEX for lab in labels) for labels in ds.train["labels"]
     )
-    assert r["files"]["train"]["records"] == 20 and len(r["files"]["train"]["sha256"]) == 64
+    assert r["files"]["train"]["records"] == 20
+    assert r["files"]["train"]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
     manifest = json.loads((ds.path / "MANIFEST.json").read_text())
     assert manifest["fingerprint"] == ds.fingerprint and "report.json" in manifest["files"]
     assert any(f.startswith("train/") for f in manifest["files"])

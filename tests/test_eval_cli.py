@@ -108,10 +108,11 @@ def _logits(model, tok) -> torch.Tensor:
 
 def test_load_target_base_run_dir_and_adapter_folder(tiny_model, run_dir, tmp_path):
     from loft.evaluate.loading import load_target
+    from loft.models import resolve_model
 
     base = load_target(str(tiny_model))
     assert base.kind == "base" and not base.model.training
-    assert len(base.sha256) == 64
+    assert base.sha256 == resolve_model(str(tiny_model)).sha256
 
     from_run = load_target(str(run_dir))
     assert from_run.kind == "adapter"
@@ -211,10 +212,13 @@ def test_pluggable_scorer_and_bad_names(tiny_model, heldout, tmp_path, monkeypat
         metrics=["my_scorers:length_ratio"],
         scorer="my_scorers:half",
         max_new_tokens=3,
+        n=3,  # every record is among the report's (up to 3) samples
         progress=False,
     )
     assert report.candidate["half"] == 0.5
-    assert 0.0 <= report.candidate["length_ratio"] <= 1.0
+    by_hand = [min(len(s["pred"]), len(s["ref"])) / max(len(s["ref"]), 1) for s in report.samples]
+    assert len(by_hand) == report.n == 3
+    assert report.candidate["length_ratio"] == pytest.approx(sum(by_hand) / 3)
     assert report.baseline is None and report.rows[0]["delta"] is None
 
     with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):

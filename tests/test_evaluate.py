@@ -208,7 +208,11 @@ def test_evaluate_generation_end_to_end(tiny) -> None:
     assert len(result.predictions) == len(result.scores) == 4
     assert result.score == sum(result.scores) / 4
     assert set(result.field_accuracy) == {"category", "priority", "product"}
-    assert all(0.0 <= v <= 1.0 for v in result.field_accuracy.values())
+    refs = [r["messages"][-1]["content"] for r in records]
+    per_record = [json_field_accuracy(p, r) for p, r in zip(result.predictions, refs, strict=True)]
+    assert result.field_accuracy == {
+        k: pytest.approx(sum(d[k] for d in per_record) / 4) for k in result.field_accuracy
+    }
     assert [s.ref for s in result.samples] == [r["messages"][-1]["content"] for r in records[:2]]
     assert result.samples[0].prompt == records[0]["messages"][1]["content"]
     assert json.loads(json.dumps(result.to_dict()))["n"] == 4

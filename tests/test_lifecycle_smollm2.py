@@ -3,7 +3,9 @@ promotion (a worse version refused, the failing check named) → rollback → ta
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,7 +45,10 @@ def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: 
     shown = json.loads(_loft("registry", "show", "support_tickets-lora:1", "--json").stdout)
     assert shown["lineage"]["base_model"] == "smollm2-135m-instruct"
     assert shown["lineage"]["dataset_fingerprint"]
-    assert all(len(f["sha256"]) == 64 for f in shown["files"])
+    v1 = Path(shown["path"])
+    assert {f["path"] for f in shown["files"]} >= {"adapter_model.safetensors", "tokenizer.json"}
+    for f in shown["files"]:
+        assert f["sha256"] == hashlib.sha256((v1 / f["path"]).read_bytes()).hexdigest(), f
 
     r = _loft(
         "eval", "support_tickets-lora:1", "--data", str(heldout),
@@ -72,7 +77,15 @@ def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: 
     r = _loft("audit", "canaries", "support_tickets-lora:1", "--candidates", "20", "--json")
     assert r.returncode == 0, r.stderr
     audit = json.loads(r.stdout)
-    assert len(audit["canaries"]) == 3 and all(c["rank"] >= 1 for c in audit["canaries"])
+    assert len(audit["canaries"]) == 3 and audit["candidates"] == 20
+    for c in audit["canaries"]:  # the rank among 21 secrets, and the exposure it means
+        assert c["rank"] in range(1, 22)
+        assert c["exposure"] == pytest.approx(math.log2(21) - math.log2(c["rank"]))
+        assert c["memorised"] == (c["rank"] <= 2)
+    card = json.loads(_loft("registry", "show", "support_tickets-lora:1", "--json").stdout)
+    exposures = [c["exposure"] for c in audit["canaries"]]
+    assert card["metrics"]["canary_exposure_max"] == pytest.approx(max(exposures))
+    assert card["metrics"]["canary_exposure_mean"] == pytest.approx(sum(exposures) / 3)
 
     # continuous evaluation of what the champion serves: healthy, then a gate it cannot meet
     ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"

@@ -37,12 +37,42 @@ def test_resolved_include_makes_data_files_absolute(tmp_path: Path, monkeypatch)
     assert not include.exists()  # the temp copy is cleaned up
 
 
+def _scored_by_hand(model_ref: str, n: int) -> dict[str, float]:
+    """acc and acc_norm of the first ``n`` docs computed here, without lm-eval: the choice with
+    the highest log-likelihood after the prompt (acc_norm: per character of the choice)."""
+    import jinja2
+    import torch
+
+    from loft.models import load_causal_lm, load_tokenizer, resolve_model
+
+    info = resolve_model(model_ref)
+    tok, model = load_tokenizer(info), load_causal_lm(info).eval()
+    cfg = yaml.safe_load((EXAMPLES / f"{TASK}.yaml").read_text())
+    prompt = jinja2.Template(cfg["doc_to_text"])
+    choices = cfg["doc_to_choice"]
+    docs = [json.loads(x) for x in (EXAMPLES / f"{TASK}.jsonl").read_text().splitlines()[:n]]
+    hits = {"acc": 0, "acc_norm": 0}
+    for doc in docs:
+        ctx = prompt.render(**doc)
+        ctx_ids = tok(ctx, add_special_tokens=False).input_ids
+        lls = []
+        for choice in choices:  # lm-eval's target delimiter is one space
+            ids = tok(ctx + " " + choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx_ids), len(ids))))
+        best = max(range(len(choices)), key=lambda i: lls[i])
+        best_norm = max(range(len(choices)), key=lambda i: lls[i] / len(choices[i]))
+        hits["acc"] += best == doc["label"]
+        hits["acc_norm"] += best_norm == doc["label"]
+    return {f"{TASK}/{k}": v / len(docs) for k, v in hits.items()}
+
+
 @pytest.mark.unit
 def test_custom_task_runs_on_tiny_model(tiny_model: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # works from any working directory
     out = lmeval.run_lm_eval(str(tiny_model), [TASK], include_path=EXAMPLES, limit=5)
-    assert set(out) == {f"{TASK}/acc", f"{TASK}/acc_norm"}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert out == pytest.approx(_scored_by_hand(str(tiny_model), 5))
 
 
 @pytest.mark.unit
@@ -67,10 +97,24 @@ def test_standard_task_without_cached_data_names_dataset_and_fix(tmp_path: Path,
 
 
 @pytest.mark.unit
-def test_standard_task_with_cached_data_passes_the_check(tmp_path: Path, monkeypatch):
-    (tmp_path / "hub" / "datasets--allenai--ai2_arc").mkdir(parents=True)
+@pytest.mark.parametrize("cache", ["hub", "prepared"])
+def test_standard_task_passes_the_check_only_with_data_in_the_cache(
+    tmp_path: Path, monkeypatch, cache: str
+):
+    """An empty cache folder (an interrupted download) is refused; the same folder with the
+    dataset's files in it (a hub snapshot, or datasets' prepared Arrow files) passes."""
     monkeypatch.setattr(lmeval, "_hf_caches", lambda: (tmp_path / "ds", tmp_path / "hub"))
-    lmeval.check_tasks_available(["arc_easy"], EXAMPLES)
+    if cache == "hub":
+        folder = tmp_path / "hub" / "datasets--allenai--ai2_arc"
+        data = folder / "snapshots" / "0123abc" / "ARC-Easy" / "test-00000-of-00001.parquet"
+    else:
+        folder = tmp_path / "ds" / "allenai___ai2_arc"
+        data = folder / "ARC-Easy" / "0.0.0" / "210d026f" / "ai2_arc-test.arrow"
+    data.parent.mkdir(parents=True)
+    with pytest.raises(NotFoundError, match="allenai/ai2_arc"):
+        lmeval.check_tasks_available(["arc_easy"], EXAMPLES)
+    data.write_bytes(b"PAR1")
+    assert lmeval.check_tasks_available(["arc_easy"], EXAMPLES) is None
 
 
 @pytest.mark.unit
@@ -122,4 +166,4 @@ def test_cli_eval_shows_lm_eval_row(loft_home: Path, tiny_model: Path, tmp_path:
 @pytest.mark.slow
 def test_custom_task_on_smollm2(smollm2):
     out = lmeval.run_lm_eval("smollm2-135m-instruct", [TASK], include_path=EXAMPLES, limit=20)
-    assert 0.0 <= out[f"{TASK}/acc"] <= 1.0
+    assert out == pytest.approx(_scored_by_hand("smollm2-135m-instruct", 20))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import uuid
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import loft
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.models import (
     BUILTIN_NAME,
@@ -360,7 +362,9 @@ def test_builtin_manifest_and_no_reconversion(smollm2: ModelInfo) -> None:
     )
     for rel, digest in manifest["files"].items():
         assert sha256_file(smollm2.path / rel) == digest, rel
-    assert len(manifest["gguf"]["sha256"]) == 64 and manifest["loft_version"]
+    gguf = Path(manifest["gguf"]["path"])
+    assert manifest["gguf"]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert manifest["loft_version"] == loft.__version__
     assert manifest["sha256"] == smollm2.sha256
 
     # a second resolve converts nothing and verifies each recorded file exactly once (timed in

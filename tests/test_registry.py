@@ -91,6 +91,7 @@ def _cli(*args: str):
 
 
 def test_register_run_dir_writes_complete_lineage_card(registry, run_dir: Path):
+    from loft.models import resolve_model
     from loft.models.manifest import sha256_file
     from loft.registry.store import client
 
@@ -118,7 +119,7 @@ def test_register_run_dir_writes_complete_lineage_card(registry, run_dir: Path):
 
     lin = mv.to_dict()["lineage"]
     assert lin["base_model"] == summary["base_model"]
-    assert len(lin["base_model_sha256"]) == 64
+    assert lin["base_model_sha256"] == resolve_model(summary["base_model"]).sha256
     assert lin["dataset_fingerprint"] == summary["dataset_fingerprint"]
     assert lin["data_report"]["fingerprint"] == summary["dataset_fingerprint"]
     assert lin["config"]["lora"]["r"] == 2

@@ -49,10 +49,13 @@ def test_largest_micro_batch_follows_the_step_plan():
     ]
     plan = StepPlan(n_examples=4, micro_batch_size=2, grad_accum=1, seed=0, total_steps=2)
     tokens, trained = largest_micro_batch(rows, plan)
-    sizes = [sum(len(rows[i]["input_ids"]) for i in mb) for s in range(2) for mb in
-             plan.micro_batches(s)]  # fmt: skip
-    assert tokens == max(sizes)
-    assert 0 < trained <= 1
+    mbs = [mb for s in range(2) for mb in plan.micro_batches(s)]
+    largest = max(mbs, key=lambda mb: sum(len(rows[i]["input_ids"]) for i in mb))
+    assert tokens == sum(len(rows[i]["input_ids"]) for i in largest)
+    # positions that predict a trained token: k per example, less one where the first token is
+    # itself labelled (nothing predicts it) -- the (30, 30) example counts 29
+    predicted = {10: 2, 50: 10, 30: 29, 5: 1}
+    assert trained == sum(predicted[len(rows[i]["input_ids"])] for i in largest) / tokens
     # every example is drawn once per epoch, so over one epoch the largest pair is what we got
     assert tokens <= 50 + 30
 
@@ -86,15 +89,24 @@ def test_train_refuses_a_run_that_cannot_fit_here(tmp_path, tiny_model, loft_hom
     about 70 GiB, more than this machine (or CI) has; the run stops before the model is loaded."""
     import yaml
 
-    from loft.train.preflight import device_capacity
+    from loft.data import prepare_dataset
+    from loft.models import load_tokenizer, resolve_model
+    from loft.train.device import plan_placement
+    from loft.train.preflight import run_preflight
+    from loft.train.sft import _rows, make_plan
 
     cfg = _config(tmp_path, tiny_model, n=128, words=960, mbs=128, seq=1024)
+    # pre-flight compares against the device the run would use (GPU memory where CUDA is)
+    spec = validate_config(cfg)
+    tok = load_tokenizer(resolve_model(str(tiny_model)))
+    rows = _rows(prepare_dataset(spec.data, tok, progress=False).train)
+    pre = run_preflight(spec, plan_placement(spec), rows, make_plan(spec, len(rows)))
+    if pre.fits:
+        pytest.skip(f"this machine's {pre.device} has {pre.capacity_bytes / 2**30:.0f} GiB: fits")
     path = tmp_path / "big.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code = run_cli("train", str(path), "-q")
     err = capsys.readouterr().err
-    if device_capacity("cpu") > 200 * 1024**3:
-        pytest.skip("this machine has more than 200 GiB of RAM; the run would fit")
     assert code == 2, err
     assert "nothing was loaded" in err and "GiB" in err
     assert "training.gradient_checkpointing=true" in err  # the changes that would fit, as --set

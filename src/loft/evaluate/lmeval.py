@@ -143,14 +143,17 @@ def _hf_caches() -> tuple[Path, Path]:
 
 
 def _in_hf_cache(dataset_id: str) -> bool:
-    """Whether ``dataset_id`` has a prepared copy or a hub snapshot in the local caches."""
+    """Whether ``dataset_id`` has a prepared copy (Arrow files under ``org___name/``) or a hub
+    snapshot holding at least one file in the local caches; an empty folder left by an
+    interrupted download is neither."""
     datasets_cache, hub_cache = _hf_caches()
     prepared = dataset_id.replace("/", "___").lower()
-    if datasets_cache.is_dir() and any(
-        p.name.lower() == prepared for p in datasets_cache.iterdir()
-    ):
-        return True
-    return (hub_cache / f"datasets--{dataset_id.replace('/', '--')}").is_dir()
+    if datasets_cache.is_dir():
+        for p in datasets_cache.iterdir():
+            if p.name.lower() == prepared and p.is_dir() and next(p.rglob("*.arrow"), None):
+                return True
+    snapshots = hub_cache / f"datasets--{dataset_id.replace('/', '--')}" / "snapshots"
+    return any(f.is_file() for f in snapshots.glob("*/**/*"))  # is_file follows the blob link
 
 
 def _flat_files(value: Any) -> list[str]:
