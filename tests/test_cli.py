@@ -3,7 +3,6 @@ documented codes."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from helpers import run_loft
 from loft.cli.main import app
 
 runner = CliRunner()
@@ -82,17 +82,6 @@ def test_help_of_every_command_imports_no_heavy_library():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
-def _loft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "loft.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-
-
 @pytest.mark.unit
 def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_path, loft_home):
     data = tmp_path / "bad.jsonl"
@@ -104,7 +93,7 @@ def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_p
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"base_model: smollm2-135m-instruct\ndata: {{train: {data}}}\n")
-    r = _loft("train", str(cfg))
+    r = run_loft("train", str(cfg))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert f"{data}:2:" in r.stderr and f"{data}:3:" in r.stderr
@@ -115,7 +104,7 @@ def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_p
 def test_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {train: x.jsonl}\ntraining: {lr: fast}\n")
-    r = _loft("train", str(cfg))
+    r = run_loft("train", str(cfg))
     assert r.returncode == 2
     assert "training.lr: got 'fast'" in r.stderr
     assert "Traceback" not in r.stderr
@@ -123,14 +112,14 @@ def test_bad_config_exits_2(tmp_path):
 
 @pytest.mark.unit
 def test_debug_shows_traceback(tmp_path):
-    r = _loft("--debug", "train", str(tmp_path / "missing.yaml"))
+    r = run_loft("--debug", "train", str(tmp_path / "missing.yaml"))
     assert r.returncode != 0
     assert "Traceback" in r.stderr
 
 
 @pytest.mark.unit
 def test_usage_error_exits_2():
-    r = _loft("train", "--no-such-flag")
+    r = run_loft("train", "--no-such-flag")
     assert r.returncode == 2
 
 
@@ -140,7 +129,7 @@ def test_demo_last_line_is_its_json_contract(loft_home):
     """A short demo (2 tickets, 2 steps) on the real model: the last line is one JSON object."""
     import json
 
-    r = _loft("demo", "--n", "2", "--set", "training.max_steps=2", "-q")
+    r = run_loft("demo", "--n", "2", "--set", "training.max_steps=2", "-q")
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(last) == {"metric", "base", "tuned", "train_s", "total_s", "run_dir"}

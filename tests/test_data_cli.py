@@ -113,3 +113,38 @@ def test_prepare_rejects_bad_options(
         main(["data", "prepare", str(p), "--pii", "maybe"])
     assert info.value.code == 2
     assert "pii" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_format_pii_redact_and_skip_invalid_flags_end_to_end(loft_home: Path, tmp_path: Path):
+    """`--format` overrides detection, `--skip-invalid` drops what that format rejects,
+    `--pii redact` replaces the emails in the rows that are trained on."""
+    from loft.data import load_prepared
+    from loft.models import builtin_tokenizer
+
+    rows = [
+        {"text": f"Ticket {i}: write to carol{i}@example.org about order {i}.",
+         "instruction": "unused", "output": "unused"}
+        for i in range(6)
+    ]  # fmt: skip
+    p = write_jsonl(tmp_path / "mixed.jsonl", [*rows, {"instruction": "no text", "output": "x"}])
+    auto = run_loft("data", "prepare", str(p), "--json", home=loft_home)
+    assert auto.returncode == 0, auto.stderr
+    assert json.loads(auto.stdout)["format"] == "alpaca"  # what detection picks
+
+    strict = run_loft("data", "prepare", str(p), "--format", "completion", home=loft_home)
+    assert strict.returncode == 2 and f"{p}:7:" in strict.stderr
+    assert "--skip-invalid" in strict.stderr and "Traceback" not in strict.stderr
+
+    args = ["--format", "completion", "--pii", "redact", "--skip-invalid", "--json"]
+    res = run_loft("data", "prepare", str(p), *args, home=loft_home)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["format"] == "completion"
+    assert (report["records"], report["invalid"], report["dropped_invalid"]) == (7, 1, 1)
+    assert report["pii"]["mode"] == "redact" and report["pii"]["kinds"]["email"]["count"] == 6
+    ds = load_prepared(report["fingerprint"])
+    tok = builtin_tokenizer()
+    texts = [tok.decode(r["input_ids"]) for split in (ds.train, ds.eval) if split for r in split]
+    assert len(texts) == 6
+    assert all("[EMAIL]" in t and "@example.org" not in t and "Ticket" in t for t in texts)

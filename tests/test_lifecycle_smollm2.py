@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_loft
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKETS = ROOT / "examples" / "support_tickets"
@@ -20,10 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _loft(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "loft.cli.main", *args], capture_output=True, text=True, env=env
-    )
+    return run_loft(*args, env={"COLUMNS": "200"})
 
 
 def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: Path):

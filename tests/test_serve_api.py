@@ -8,10 +8,9 @@ and an admin key that reaches everything.
 from __future__ import annotations
 
 import json
-import os
+import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import linked_home, make_lora_adapter
+from helpers import kill_tree, linked_home, make_lora_adapter, run_loft, start_loft
 
 pytestmark = pytest.mark.integration
 
@@ -412,14 +411,8 @@ def test_over_the_concurrency_limit_is_503(served: Served) -> None:
     assert _chat(served, "alpha", "alpha").parse().model == "alpha:1"
 
 
-def _loft(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LOFT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "loft.cli.main", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_cli_serve_help() -> None:
-    r = _loft("serve", "--help", home=Path(os.environ["LOFT_HOME"]))
+    r = run_loft("serve", "--help")
     assert r.returncode == 0 and "--no-auth" in r.stdout and "max_tokens_limit" in r.stdout
 
 
@@ -429,9 +422,85 @@ def test_cli_serve_vllm_refuses_cleanly_on_cpu(loft_home: Path, tiny_model: Path
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = _loft("serve", "--engine", "vllm", "--base-model", str(tiny_model), home=loft_home)
+    r = run_loft("serve", "--engine", "vllm", "--base-model", str(tiny_model), home=loft_home)
     assert r.returncode == 2, r.stderr
     assert "vllm" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + 120  # a polling limit, not the assertion
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.2)
+
+
+def test_loft_serve_no_auth_log_prompts_and_concurrency_limit(loft_home: Path, tiny_model: Path):
+    """A real `loft serve --no-auth --set log_prompts=true --set max_concurrent_requests=2`:
+    it warns about --no-auth before it listens; two streams in flight fill it, so a third
+    concurrent request gets 503 + Retry-After; once they are gone requests pass again; the
+    audit log holds the prompt and completion text (the module's server, without
+    log_prompts, is checked to leave it out)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = loft_home / "serve.log"
+    sets = ["log_prompts=true", "max_concurrent_requests=2", "max_tokens_limit=3000", "device=cpu"]
+    args = ["serve", "--no-auth", "--base-model", str(tiny_model), "--port", str(port)]
+    with log.open("w") as sink:
+        proc = start_loft(*args, *[x for kv in sets for x in ("--set", kv)], home=loft_home,
+                          stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        _wait_ready(proc, url, log)
+        out = log.read_text()
+        assert "WARNING: --no-auth" in out
+        assert out.index("WARNING: --no-auth") < out.index(f"listening on http://127.0.0.1:{port}")
+
+        model = str(tiny_model)
+        r = httpx.post(url + "/v1/completions", timeout=60,
+                       json={"model": model, "prompt": SECRET, "max_tokens": 3})  # fmt: skip
+        assert r.status_code == 200
+        completion = r.json()["choices"][0]["text"]
+        audit = loft_home / "serve" / "audit.jsonl"
+        rec = json.loads(audit.read_text().splitlines()[-1])
+        assert rec["prompt"] == SECRET and rec["completion"] == completion
+        assert rec["key"] == "-"  # no key under --no-auth
+
+        long = {"model": model, "prompt": "Once", "max_tokens": 3000, "stream": True}
+        with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
+            streams = [c.stream("POST", url + "/v1/completions", json=long) for c in (c1, c2)]
+            responses = [s.__enter__() for s in streams]
+            try:
+                assert [resp.status_code for resp in responses] == [200, 200]
+                # both generating: their first tokens have arrived (the iterators are kept:
+                # a discarded one closes its response, which the server sees as a disconnect)
+                readers = [resp.iter_lines() for resp in responses]
+                assert all(next(reader).startswith("data: {") for reader in readers)
+                short = {"model": model, "prompt": "Hi", "max_tokens": 2}
+                third = httpx.post(url + "/v1/completions", json=short, timeout=60)
+                assert third.status_code == 503, third.text
+                assert int(third.headers["Retry-After"]) >= 1
+                assert third.json()["error"]["type"] == "overloaded_error"
+            finally:
+                for s in streams:
+                    s.__exit__(None, None, None)
+        deadline = time.monotonic() + 60  # the abandoned streams are cancelled at their next token
+        while "loft_requests_in_flight 0.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline, "the abandoned streams kept their slots"
+            time.sleep(0.1)
+        again = httpx.post(url + "/v1/completions", timeout=60,
+                           json={"model": model, "prompt": "Hi", "max_tokens": 2})  # fmt: skip
+        assert again.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            kill_tree(proc)
 
 
 @pytest.mark.slow
@@ -441,7 +510,6 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_mo
     import signal
 
     port = _free_port()
-    env = {**os.environ, "LOFT_HOME": str(loft_home)}
     args = ["--no-auth", "--base-model", str(tiny_model), "--port", str(port)]
     args += [
         "--set",
@@ -451,10 +519,7 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_mo
         "--set",
         "drain_timeout_s=120",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loft.cli.main", "serve", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = start_loft("serve", *args, home=loft_home)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -501,6 +566,4 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_mo
         assert finish[-1] in ("length", "stop")
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_tree(proc)

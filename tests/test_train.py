@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -461,6 +462,95 @@ def test_trained_eos_makes_the_tuned_model_stop(tmp_path, tiny_model, loft_home)
         new = answer(tuned, q)
         assert new[-1] == tok.eos_token_id and len(new) < budget, tok.decode(new)
         assert tok.decode(new, skip_special_tokens=True).strip() == a
+
+
+@pytest.mark.integration
+def test_run_in_mlflow_has_config_params_step_metrics_system_info_and_artifacts(
+    tmp_path, tiny_model, loft_home
+):
+    """What the README promises a training run records in MLflow."""
+    import platform
+
+    from transformers import get_scheduler
+
+    from loft.core.config import flatten
+    from loft.tracking import mlflow_client
+    from loft.tracking.mlflow_tracker import clean_key, param_value
+    from loft.train import train
+
+    cfg = validate_config(tiny_config(tmp_path, tiny_model))  # 6 steps, eval every 3
+    res = train(cfg, progress=False)
+    s = res.summary
+    client = mlflow_client()
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == res.run_dir.name
+
+    flat = flatten(cfg.model_dump(mode="json"))
+    expected = {clean_key(k): param_value(v) for k, v in flat.items()}
+    assert {k: run.data.params.get(k) for k in expected} == expected
+    assert run.data.params["dataset.fingerprint"] == s["dataset_fingerprint"]
+
+    def history(name: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+
+    loss, lr, tok_s = history("train/loss"), history("train/lr"), history("train/tokens_per_s")
+    assert sorted(loss) == sorted(lr) == sorted(tok_s) == list(range(1, 7))
+    assert s["final_train_loss"] == pytest.approx(sum(loss.values()) / 6, abs=1e-6)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.training.lr)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=6)
+    for step in range(1, 7):  # the schedule's value after each optimizer step
+        opt.step()
+        sched.step()
+        assert lr[step] == pytest.approx(sched.get_last_lr()[0])
+    assert all(v > 0 for v in tok_s.values())
+    eval_loss = history("eval/loss")
+    assert sorted(eval_loss) == [3, 6] and eval_loss[6] == pytest.approx(s["eval_loss"])
+
+    tags = run.data.tags
+    assert tags["sys.python"] == platform.python_version()
+    assert tags["sys.torch"] == torch.__version__
+    assert tags["sys.cpu_count"] == str(os.cpu_count())
+    assert tags["loft.run_id"] == res.run_dir.name and tags["loft.method"] == "lora"
+
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert arts == {"resolved.yaml", "run_summary.json", "lineage.json", "data"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} == {"data/report.json"}
+
+
+@pytest.mark.unit
+def test_auto_precision_and_checkpointing_are_what_the_loop_runs(tmp_path, tiny_model, loft_home):
+    """`precision: auto` trains under bf16 autocast exactly where the hardware has native bf16
+    (read here from /proc/cpuinfo or CUDA), fp32 otherwise; `gradient_checkpointing: auto` is
+    off on CPU and on for a GPU. Checked on the model the loop actually trains."""
+    import loft.train.sft as sft
+
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2)
+    cfg["training"].update(precision="auto", gradient_checkpointing="auto")
+    if torch.cuda.is_available():
+        native_bf16, checkpointing = torch.cuda.is_bf16_supported(), True
+    else:
+        flags = Path("/proc/cpuinfo").read_text().split()
+        native_bf16, checkpointing = "avx512_bf16" in flags or "amx_bf16" in flags, False
+    seen: list[torch.dtype] = []
+    built: list[torch.nn.Module] = []
+    real_build = sft.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+        mlp.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+        built.append(model)
+        return model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "build_model", build_and_watch)
+        res = sft.train(validate_config(cfg), progress=False)
+    (model,) = built
+    assert seen and set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
+    assert model.is_gradient_checkpointing == checkpointing
+    precision = "bf16 autocast" if native_bf16 else "fp32"
+    checkpoints = "on" if checkpointing else "off"
+    assert res.summary["placement"].endswith(f"{precision}, gradient checkpointing {checkpoints}")
 
 
 @pytest.mark.unit

@@ -114,6 +114,30 @@ def test_train_refuses_a_run_that_cannot_fit_here(tmp_path, tiny_model, loft_hom
     assert not (tmp_path / "run").exists()  # the run never started: no run dir blocks a retry
 
 
+def test_force_trains_past_a_refused_preflight(
+    tmp_path, tiny_model, loft_home, monkeypatch, capsys
+):
+    """On a device too small for the estimate `loft train` refuses (exit 2, no run dir);
+    `--force` trains anyway and records the estimate that did not fit."""
+    import yaml
+
+    import loft.train.preflight as preflight
+
+    monkeypatch.setattr(preflight, "device_capacity", lambda device: 1 << 20)  # a 1 MiB device
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, tiny_model, n=4, words=20, mbs=2, seq=128)))
+    assert run_cli("train", str(path), "-q") == 2
+    assert "nothing was loaded" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    assert run_cli("train", str(path), "-q", "--force") == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert s["status"] == "completed" and s["steps"] == 1
+    assert s["memory_estimate"]["fits"] is False
+    assert s["memory_estimate"]["capacity_bytes"] == 1 << 20
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_completed_run_records_estimate_beside_measured_peak(tmp_path, tiny_model, loft_home):
     from loft.train import train
 
