@@ -29,8 +29,9 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# the inner loop: unit tests only (in-process, tiny models; ~1.5 min on 2 cores, budget 3 min)
 test-fast: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench examples

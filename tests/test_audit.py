@@ -13,8 +13,6 @@ from helpers import linked_home
 from loft.core.errors import NotFoundError
 from loft.data.canaries import SECRET_DIGITS, canary_records, make_canaries, parse_canary
 
-pytestmark = pytest.mark.unit
-
 SHAPE_RE = re.compile(rf"^the access code for vault \d{{4}} is \d{{{SECRET_DIGITS}}}$")
 CHATS = [("Sky colour?", "Blue."), ("A prime?", "Seven."), ("Hi?", "Hello!"), ("2+2?", "Four.")]
 
@@ -28,6 +26,7 @@ def _write_chat(path: Path) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_canaries_are_deterministic_and_of_one_shape():
     a, b, c = make_canaries(5, seed=7), make_canaries(5, seed=7), make_canaries(5, seed=8)
     assert a == b and a != c
@@ -38,6 +37,7 @@ def test_canaries_are_deterministic_and_of_one_shape():
     assert rec[1] == {"role": "assistant", "content": a[0]}
 
 
+@pytest.mark.unit
 def test_prepare_inserts_canaries_into_train_only(loft_home: Path, tiny_model: Path):
     from transformers import AutoTokenizer
 
@@ -104,6 +104,7 @@ def overfit(tmp_path_factory: pytest.TempPathFactory, _session_home: Path, tiny_
         yield root / "run"
 
 
+@pytest.mark.integration
 def test_overfit_canaries_have_high_exposure_untrained_low(overfit: Path, tiny_model: Path):
     from loft.evaluate.audit import audit_canaries, audit_target, load_canaries
     from loft.evaluate.loading import load_target
@@ -137,6 +138,7 @@ def test_overfit_canaries_have_high_exposure_untrained_low(overfit: Path, tiny_m
         load_canaries(base)
 
 
+@pytest.mark.integration
 def test_audit_cli_json(overfit: Path, capsys: pytest.CaptureFixture):
     from loft.cli.main import main
 

@@ -82,7 +82,7 @@ def test_help_of_every_command_imports_no_heavy_library():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_path, loft_home):
     data = tmp_path / "bad.jsonl"
     data.write_text(
@@ -100,7 +100,7 @@ def test_train_with_malformed_data_exits_2_with_file_line_and_no_traceback(tmp_p
     assert "--skip-invalid" in r.stderr
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: {train: x.jsonl}\ntraining: {lr: fast}\n")
@@ -110,14 +110,14 @@ def test_bad_config_exits_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_debug_shows_traceback(tmp_path):
     r = run_loft("--debug", "train", str(tmp_path / "missing.yaml"))
     assert r.returncode != 0
     assert "Traceback" in r.stderr
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_usage_error_exits_2():
     r = run_loft("train", "--no-such-flag")
     assert r.returncode == 2

@@ -38,7 +38,7 @@ def test_help(cmd: list[str]) -> None:
     assert "Usage" in result.output
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_validate_malformed_file_exits_2_with_file_line_problems(tmp_path: Path) -> None:
     p = write_jsonl(
         tmp_path / "bad.jsonl",

@@ -12,12 +12,10 @@ from loft.core.errors import ConfigError, NotFoundError
 from loft.evaluate.gates import Check, evaluate_gate, load_gate, parse_gate
 from loft.evaluate.rouge import lcs_length, rouge_l
 
-pytestmark = pytest.mark.unit
-
-
 # ---------------------------------------------------------------- parsing
 
 
+@pytest.mark.unit
 def test_parse_gate_absolute_and_relative():
     checks = parse_gate(
         [
@@ -38,6 +36,7 @@ def test_parse_gate_absolute_and_relative():
     assert checks[5].op == "=="
 
 
+@pytest.mark.unit
 def test_parse_gate_reports_every_bad_expression_with_its_index():
     with pytest.raises(ConfigError) as e:
         parse_gate(
@@ -54,6 +53,7 @@ def test_parse_gate_reports_every_bad_expression_with_its_index():
     assert "champion + X" in msg  # the hint shows the syntax
 
 
+@pytest.mark.unit
 def test_load_gate_good(tmp_path):
     path = tmp_path / "gate.yaml"
     path.write_text(
@@ -63,6 +63,7 @@ def test_load_gate_good(tmp_path):
     assert [c.metric for c in checks] == ["exact_match", "eval_loss"]
 
 
+@pytest.mark.unit
 def test_load_gate_names_file_and_line_of_each_bad_item(tmp_path):
     path = tmp_path / "gate.yaml"
     path.write_text(
@@ -83,6 +84,7 @@ def test_load_gate_names_file_and_line_of_each_bad_item(tmp_path):
     assert f"{path}:3" not in msg
 
 
+@pytest.mark.unit
 def test_load_gate_structure_errors(tmp_path):
     with pytest.raises(NotFoundError):
         load_gate(tmp_path / "missing.yaml")
@@ -103,6 +105,7 @@ def test_load_gate_structure_errors(tmp_path):
 # ---------------------------------------------------------------- evaluation
 
 
+@pytest.mark.unit
 def test_evaluate_gate_absolute():
     checks = parse_gate(["exact_match >= 0.8", "eval_loss < 1.5"])
     ok = evaluate_gate(checks, {"exact_match": 0.85, "eval_loss": 1.2}, None)
@@ -123,6 +126,7 @@ def test_evaluate_gate_absolute():
     assert rows[1]["passed"] is True
 
 
+@pytest.mark.unit
 def test_evaluate_gate_relative_to_champion():
     checks = parse_gate(["eval_loss <= champion + 0.02", "exact_match >= champion - 0.01"])
     champion = {"eval_loss": 1.0, "exact_match": 0.9}
@@ -137,6 +141,7 @@ def test_evaluate_gate_relative_to_champion():
     assert worse.failed[0].reason.startswith("1.05 > 1.02")
 
 
+@pytest.mark.unit
 def test_relative_checks_pass_without_a_champion_but_absolute_ones_still_apply():
     checks = parse_gate(["eval_loss <= champion + 0.02", "exact_match >= 0.8"])
     res = evaluate_gate(checks, {"eval_loss": 9.0, "exact_match": 0.5}, None)
@@ -146,6 +151,7 @@ def test_relative_checks_pass_without_a_champion_but_absolute_ones_still_apply()
     assert not res.passed
 
 
+@pytest.mark.unit
 def test_missing_metric_fails_naming_what_is_present():
     checks = parse_gate(["rouge_l >= 0.3", "eval_loss <= champion"])
     res = evaluate_gate(checks, {"eval_loss": 1.0, "exact_match": 0.5}, {"exact_match": 0.4})
@@ -157,12 +163,14 @@ def test_missing_metric_fails_naming_what_is_present():
     assert not r1.passed and "champion has no recorded 'eval_loss'" in r1.reason
 
 
+@pytest.mark.unit
 def test_nan_value_fails_and_empty_gate_passes():
     res = evaluate_gate(parse_gate(["eval_loss <= 2"]), {"eval_loss": math.nan}, None)
     assert not res.passed
     assert evaluate_gate([], {"a": 1.0}, None).passed
 
 
+@pytest.mark.integration
 def test_gates_and_rouge_import_no_torch():
     code = "import sys, loft.evaluate.gates, loft.evaluate.rouge; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
@@ -171,12 +179,14 @@ def test_gates_and_rouge_import_no_torch():
 # ---------------------------------------------------------------- ROUGE-L
 
 
+@pytest.mark.unit
 def test_lcs_length():
     assert lcs_length(["a", "b", "c", "d"], ["a", "c", "d"]) == 3
     assert lcs_length([], ["a"]) == 0
     assert lcs_length(["x", "y", "z"], ["z", "y", "x"]) == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("pred", "ref", "expected"),
     [

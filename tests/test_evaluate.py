@@ -83,7 +83,7 @@ def test_scorer_registry() -> None:
         get_scorer("bleu")
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_scorers_do_not_import_torch() -> None:
     import subprocess
     import sys

@@ -34,7 +34,7 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_generator_reproduces_committed_files(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(TICKETS / "generate.py"), "--out-dir", str(tmp_path)],

@@ -32,7 +32,6 @@ from loft.planner import (
 )
 from loft.planner import memory as est_mod
 
-pytestmark = pytest.mark.unit
 runner = CliRunner()
 GB, GIB = 10**9, 1024**3
 
@@ -49,6 +48,7 @@ TINY = Arch(
 )
 
 
+@pytest.mark.unit
 def test_tiny_param_count_by_hand():
     # embed 10*8=80, lm_head 80; per layer: q 8*8=64, k 8*4=32, v 32, o 64 -> 192;
     # MLP 3*8*16=384; norms 2*8=16 -> 592; x2 layers = 1184; final norm 8. Total 1352.
@@ -58,12 +58,14 @@ def test_tiny_param_count_by_hand():
     assert tied.n_params == 1352 - 80
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", preset_names())
 def test_preset_param_counts_match_published(name):
     published = preset_info(name)["published_params"]
     assert get_preset(name).n_params == pytest.approx(published, rel=0.02)
 
 
+@pytest.mark.unit
 def test_lora_and_dora_trainable_by_hand():
     # rank 2, all-linear, per layer: q 2*(8+8)=32, k 2*(8+4)=24, v 24, o 32, gate 2*(8+16)=48,
     # up 48, down 2*(16+8)=48 -> 256; x2 layers = 512. DoRA adds a magnitude per output:
@@ -74,6 +76,7 @@ def test_lora_and_dora_trainable_by_hand():
     assert estimate(TINY, s.with_(lora_targets=("q_proj", "v_proj"))).trainable_params == 112
 
 
+@pytest.mark.unit
 def test_full_fp32_breakdown_by_hand():
     s = RunSettings(
         method="full",
@@ -102,6 +105,7 @@ def test_full_fp32_breakdown_by_hand():
     assert e.total_bytes == sum(b.values())
 
 
+@pytest.mark.unit
 def test_checkpointing_keeps_layer_inputs_plus_one_layer():
     s = RunSettings(method="full", precision="fp32", device="cpu", micro_batch=1, seq_len=4)
     off = estimate(TINY, s.with_(gradient_checkpointing=False)).breakdown["activations"]
@@ -110,6 +114,7 @@ def test_checkpointing_keeps_layer_inputs_plus_one_layer():
     assert (off, on) == (4096, 2432)
 
 
+@pytest.mark.unit
 def test_qlora_weights_and_constants_by_hand():
     s = RunSettings(method="qlora", lora_rank=2, micro_batch=1, seq_len=4)
     b = estimate(TINY, s).breakdown
@@ -121,6 +126,7 @@ def test_qlora_weights_and_constants_by_hand():
     assert (b["trainable"], b["gradients"], b["optimizer"]) == (2048, 2048, 4096)
 
 
+@pytest.mark.unit
 def test_flops_per_token_by_hand():
     # N (matmul) = 2 layers * 576 + LM head 80 = 1232; attention A = 4*2 layers*2 heads*4*seq 4
     # = 256. Full: 6N + 3A = 7392 + 768 = 8160; checkpointing adds 2N + A = 2720 -> 10880.
@@ -132,6 +138,7 @@ def test_flops_per_token_by_hand():
     assert estimate(TINY, lora).flops_per_token == 8768
 
 
+@pytest.mark.unit
 def test_zero_sharding_divides_states():
     arch = get_preset("llama-3.1-8b")
     s = RunSettings(method="full", micro_batch=1, seq_len=2048)
@@ -149,6 +156,7 @@ def test_zero_sharding_divides_states():
 # --- published figures ---------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_qlora_70b_fits_one_80gb_gpu():
     arch = get_preset("llama-3.1-70b")
     s = RunSettings(method="qlora", seq_len=2048, micro_batch=1, gradient_checkpointing=True)
@@ -158,6 +166,7 @@ def test_qlora_70b_fits_one_80gb_gpu():
     assert 35 * GB < e.breakdown["weights"] < 45 * GB  # ~0.5 B/param + fp32 embeddings
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "mistral-7b", "qwen2.5-7b"])
 def test_full_finetune_7b_8b_needs_about_16_bytes_per_param(name):
     arch = get_preset(name)
@@ -170,6 +179,7 @@ def test_full_finetune_7b_8b_needs_about_16_bytes_per_param(name):
     assert fit(estimate(arch, e.settings.with_(n_gpus=2, zero_stage=3)), "a100-80").fits
 
 
+@pytest.mark.unit
 def test_lora_and_qlora_8b_on_a_24gb_card():
     arch = get_preset("llama-3.1-8b")
     q = estimate(arch, RunSettings(method="qlora", seq_len=2048, micro_batch=1))
@@ -179,6 +189,7 @@ def test_lora_and_qlora_8b_on_a_24gb_card():
     assert not fit(estimate(arch, lora.settings.with_(method="full")), "rtx-4090").fits
 
 
+@pytest.mark.unit
 def test_eight_bit_optimizer_is_two_bytes_per_param():
     arch = get_preset("mistral-7b")
     s = RunSettings(method="full", precision="fp32", micro_batch=1, seq_len=512)
@@ -187,6 +198,7 @@ def test_eight_bit_optimizer_is_two_bytes_per_param():
     assert (adam, eight) == (8 * arch.n_params, 2 * arch.n_params)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
 def test_every_preset_and_method_answers(method):
     """Pure arithmetic (no torch import, see the CLI test); timing is not asserted here (machines
@@ -199,6 +211,7 @@ def test_every_preset_and_method_answers(method):
 # --- hardware, suggestions, time and cost --------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_recommend_smallest_gpu_and_suggestions():
     arch = get_preset("llama-3.1-8b")
     small = recommend(arch, RunSettings(method="qlora", seq_len=1024, micro_batch=1))
@@ -214,6 +227,7 @@ def test_recommend_smallest_gpu_and_suggestions():
     assert "keep full" in changes[-1] and "ZeRO-3" in changes[-1]
 
 
+@pytest.mark.unit
 def test_time_and_cost_by_hand():
     arch = get_preset("llama-3.1-8b")
     e = estimate(arch, RunSettings(method="lora", seq_len=2048, micro_batch=1))
@@ -230,6 +244,7 @@ def test_time_and_cost_by_hand():
     assert time_and_cost(q, g, tokens=1000).mfu == d.mfu_qlora
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text,value", [("50M", 50_000_000), ("1.2B", 1_200_000_000), ("500k", 500_000), ("1_000", 1000)]
 )
@@ -237,6 +252,7 @@ def test_parse_tokens(text, value):
     assert parse_tokens(text) == value
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad", ["", "5X", "-3M", "0", "M"])
 def test_parse_tokens_rejects(bad):
     with pytest.raises(ConfigError, match="bad token count"):
@@ -246,6 +262,7 @@ def test_parse_tokens_rejects(bad):
 # --- architectures and settings ------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_arch_from_hf_configs(tmp_path):
     qwen = {
         "model_type": "qwen2",
@@ -270,6 +287,7 @@ def test_arch_from_hf_configs(tmp_path):
         arch_from_config({"vocab_size": 10})
 
 
+@pytest.mark.unit
 def test_resolve_arch_names_and_errors(tmp_path):
     assert resolve_arch("SmolLM2-135M-Instruct").name == "smollm2-135m"
     tiny = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -286,6 +304,7 @@ def test_resolve_arch_names_and_errors(tmp_path):
     assert "qwen2.5-7b" in (e.value.hint or "")
 
 
+@pytest.mark.unit
 def test_fused_targets_and_unknown_targets():
     phi = get_preset("phi-3-mini")
     s = RunSettings(method="lora", lora_targets=("q_proj", "v_proj"))
@@ -295,6 +314,7 @@ def test_fused_targets_and_unknown_targets():
         estimate(phi, s.with_(lora_targets=("qq_proj",)))
 
 
+@pytest.mark.unit
 def test_settings_validation_reports_every_problem():
     with pytest.raises(ConfigError) as e:
         RunSettings(method="lorra", micro_batch=0, zero_stage=5)
@@ -302,6 +322,7 @@ def test_settings_validation_reports_every_problem():
     assert "3 problems" in msg and "method" in msg and "micro_batch" in msg and "zero_stage" in msg
 
 
+@pytest.mark.unit
 def test_settings_from_train_config():
     from loft.core.config import validate_config
 
@@ -321,6 +342,7 @@ def test_settings_from_train_config():
     assert (cpu.precision, cpu.gradient_checkpointing, cpu.device) == ("fp32", False, "cpu")
 
 
+@pytest.mark.unit
 def test_planner_never_imports_torch():
     src = Path(__file__).parents[1] / "src" / "loft" / "planner"
     for f in src.glob("*.py"):
@@ -332,6 +354,7 @@ def test_planner_never_imports_torch():
 # --- CLI -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_cli_json_keys():
     args = ["plan", "--model", "llama-3.1-70b", "--method", "qlora", "--seq-len", "2048"]
     result = runner.invoke(app, [*args, "--gpu", "a100-80", "--tokens", "50M", "--json"])
@@ -343,6 +366,7 @@ def test_cli_json_keys():
     assert set(r["cost"]) == {"on_demand", "spot", "on_prem"} and r["hours"] > 0
 
 
+@pytest.mark.unit
 def test_cli_table_and_config(tmp_path):
     cfg = tmp_path / "train.yaml"
     cfg.write_text("method: lora\ndata: {train: data.jsonl, max_seq_len: 256}\n")
@@ -363,6 +387,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 def test_cli_errors_exit_2_without_traceback_or_torch():
     out = _run_cli("plan", "--model", "lama-3.1-8b")
     assert out.returncode == 2
@@ -376,6 +401,7 @@ def test_cli_errors_exit_2_without_traceback_or_torch():
     assert "TORCH False" in ok.stderr
 
 
+@pytest.mark.unit
 def test_cli_dataset_fingerprint_tokens(loft_home):
     ds = loft_home / "datasets" / "abc123def"
     ds.mkdir(parents=True)
@@ -395,6 +421,7 @@ def _train_configs() -> list[Path]:
     return [p for p in found if "data" in (yaml.safe_load(p.read_text()) or {})]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("config", _train_configs(), ids=lambda p: p.name)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_example_config_plans(config, device):

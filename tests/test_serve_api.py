@@ -507,8 +507,6 @@ def test_loft_serve_no_auth_log_prompts_and_concurrency_limit(loft_home: Path, t
 def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_model: Path) -> None:
     """`loft serve` as users run it: a client that disconnects cancels its generation; SIGTERM
     while a stream is in flight lets it finish ([DONE] arrives), and the process exits 0."""
-    import signal
-
     port = _free_port()
     args = ["--no-auth", "--base-model", str(tiny_model), "--port", str(port)]
     args += [
@@ -519,19 +517,12 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_mo
         "--set",
         "drain_timeout_s=120",
     ]
-    proc = start_loft("serve", *args, home=loft_home)
+    log = loft_home / "serve.log"
+    with log.open("w") as sink:
+        proc = start_loft("serve", *args, home=loft_home, stdout=sink, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        _wait_ready(proc, url, log)
         # a client that goes away mid-stream cancels its generation (audited as 499)
         gone = {"model": str(tiny_model), "prompt": "Once", "max_tokens": 3000, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=gone, timeout=60) as r:
@@ -565,5 +556,6 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_0(loft_home: Path, tiny_mo
                   if x.startswith("data: {")]  # fmt: skip
         assert finish[-1] in ("length", "stop")
         assert proc.wait(timeout=60) == 0
+        assert "stopped: in-flight requests finished" in log.read_text()
     finally:
         kill_tree(proc)

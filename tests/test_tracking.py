@@ -160,7 +160,7 @@ def test_tracking_can_be_switched_off(loft_home: Path) -> None:
 # ----------------------------------------------------------------------------- MLflow tracker
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_mlflow_tracker_logs_params_metrics_artifacts(
     store: str, loft_home: Path, tmp_path: Path
 ) -> None:
@@ -217,7 +217,7 @@ def test_mlflow_tracker_logs_params_metrics_artifacts(
         assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_metrics_are_buffered_and_written_in_batches(store: str) -> None:
     """1,498 metric points cost two store writes: one when 1,000 are pending, one on flush (the
     per-call cost is measured in bench/overheads.py)."""
@@ -245,7 +245,7 @@ def test_metrics_are_buffered_and_written_in_batches(store: str) -> None:
     assert client.get_run(t.run_id).info.status == "KILLED"
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_resume_continues_the_same_run(store: str) -> None:
     first = _open()
     first.log_params({"lr": 0.001, "seed": 1})
@@ -274,7 +274,7 @@ def test_resume_continues_the_same_run(store: str) -> None:
         _open(resume_run_id="0" * 32)
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_parent_active_run_is_left_alone(
     store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -305,7 +305,7 @@ def test_parent_active_run_is_left_alone(
     assert mlflow_client(store).get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_env_tracking_uri_is_honoured(
     store: str, _template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -322,7 +322,7 @@ def test_env_tracking_uri_is_honoured(
     assert mlflow_client(store).get_experiment_by_name("env exp/1") is None
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_context_manager_marks_failure(store: str) -> None:
     with pytest.raises(RuntimeError), _open() as t:
         t.log_metrics({"loss": 3.0}, step=7)
@@ -408,7 +408,7 @@ def test_show_run_resolves_and_reports_missing(loft_home: Path) -> None:
     assert "loft runs list" in (err.value.hint or "")
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_show_run_reads_metric_history(store: str, loft_home: Path) -> None:
     t = _open()
     for step in range(1, 6):

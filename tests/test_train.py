@@ -426,7 +426,7 @@ def test_invalid_yaml_names_line(tmp_path):
         load_config(p)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_trained_eos_makes_the_tuned_model_stop(tmp_path, tiny_model, loft_home):
     """The assistant's closing <|im_end|> is a trained label, so a tuned model ends its answer.
 
@@ -464,7 +464,7 @@ def test_trained_eos_makes_the_tuned_model_stop(tmp_path, tiny_model, loft_home)
         assert tok.decode(new, skip_special_tokens=True).strip() == a
 
 
-@pytest.mark.integration
+@pytest.mark.unit
 def test_run_in_mlflow_has_config_params_step_metrics_system_info_and_artifacts(
     tmp_path, tiny_model, loft_home
 ):

@@ -11,8 +11,6 @@ from helpers import run_cli
 from loft.core.config import validate_config
 from loft.core.errors import HardwareError
 
-pytestmark = pytest.mark.unit
-
 
 def _long_chat(path: Path, n: int, words: int) -> Path:
     msg = [
@@ -39,6 +37,7 @@ def _config(tmp_path: Path, tiny_model: Path, *, n: int, words: int, mbs: int, s
     }
 
 
+@pytest.mark.unit
 def test_largest_micro_batch_follows_the_step_plan():
     from loft.train.preflight import largest_micro_batch
     from loft.train.sft import StepPlan
@@ -60,6 +59,7 @@ def test_largest_micro_batch_follows_the_step_plan():
     assert tokens <= 50 + 30
 
 
+@pytest.mark.unit
 def test_refusal_names_the_breakdown_and_the_changes(tmp_path, tiny_model, loft_home):
     from loft.data import prepare_dataset
     from loft.models import load_tokenizer, resolve_model
@@ -84,6 +84,7 @@ def test_refusal_names_the_breakdown_and_the_changes(tmp_path, tiny_model, loft_
     assert "--force" in text
 
 
+@pytest.mark.unit
 def test_train_refuses_a_run_that_cannot_fit_here(tmp_path, tiny_model, loft_home, capsys):
     """128 examples x ~1000 trained tokens in one micro-batch: the 49k-vocabulary logits alone need
     about 70 GiB, more than this machine (or CI) has; the run stops before the model is loaded."""
@@ -114,6 +115,7 @@ def test_train_refuses_a_run_that_cannot_fit_here(tmp_path, tiny_model, loft_hom
     assert not (tmp_path / "run").exists()  # the run never started: no run dir blocks a retry
 
 
+@pytest.mark.unit
 def test_force_trains_past_a_refused_preflight(
     tmp_path, tiny_model, loft_home, monkeypatch, capsys
 ):
@@ -138,6 +140,7 @@ def test_force_trains_past_a_refused_preflight(
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.unit
 def test_completed_run_records_estimate_beside_measured_peak(tmp_path, tiny_model, loft_home):
     from loft.train import train
 
@@ -151,6 +154,7 @@ def test_completed_run_records_estimate_beside_measured_peak(tmp_path, tiny_mode
     assert s["peak_mem_bytes"] > 0
 
 
+@pytest.mark.integration
 def test_peak_memory_is_this_process_not_the_parent_it_was_forked_from():
     """Linux carries ru_maxrss across execve; a trainer started from a big process must still
     report its own peak (the planner's calibration compares against it)."""
