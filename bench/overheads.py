@@ -25,9 +25,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _median_s(fn: Callable[[], object], runs: int) -> float:

@@ -208,8 +208,9 @@ def _train(
         bar.close()
         summary.update(_summary_metrics(state, loop, placement, started))
         summary["status"] = status
-        session.update(steps_run=loop.steps_run, end_step=start_step + loop.steps_run)
-        session["status"] = status
+        session.update(
+            steps_run=loop.steps_run, end_step=start_step + loop.steps_run, status=status
+        )
         if status == "completed":
             metrics = {
                 "final_train_loss": summary["final_train_loss"],
