@@ -7,7 +7,9 @@ links to the real one, so the builtin SmolLM2 conversion is reused), 2-3 optimiz
 synthetic chat data of controlled length. The run records its own estimate
 (`memory_estimate.total_bytes`, for the largest micro-batch the step plan draws) beside its
 measured peak (`peak_mem_bytes`: ru_maxrss of the training process on CPU,
-torch.cuda.max_memory_allocated on a GPU) in run_summary.json; this prints both and the error.
+torch.cuda.max_memory_allocated on a GPU) in run_summary.json; this prints both and the error,
+and checks that `loft plan CONFIG --json` on the same machine prints the same estimate (column
+"plan": "=" when it does).
 
 Cases on CPU: a tiny random 2-layer Llama (SmolLM2 vocabulary) and SmolLM2-135M; LoRA, DoRA and
 full fine-tuning; micro-batch 1/4/8; short (~64-token) and long (~250-token) examples; gradient
@@ -176,9 +178,10 @@ def run_case(case: Case, root: Path, *, timeout: float = 900) -> dict[str, Any]:
     }
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "loft.cli.main", "train", str(cfg_path), "-q"]
+    sets: list[str] = []
     for key, value in case.overrides().items():
-        cmd += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        sets += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    cmd = [sys.executable, "-m", "loft.cli.main", "train", str(cfg_path), "-q", *sets]
     env = {
         **os.environ,
         "LOFT_HOME": str(home),
@@ -198,12 +201,18 @@ def run_case(case: Case, root: Path, *, timeout: float = 900) -> dict[str, Any]:
         raise RuntimeError(f"{case.name}: loft train exited {proc.returncode}\n{tail}")
     s = json.loads(summary_path.read_text())
     est = s["memory_estimate"]
+    # `loft plan CONFIG` on the same machine runs the same pre-flight: it must print this number
+    plan_cmd = [sys.executable, "-m", "loft.cli.main", "plan", str(cfg_path), "--json", *sets]
+    plan = subprocess.run(plan_cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if plan.returncode != 0:
+        raise RuntimeError(f"{case.name}: loft plan exited {plan.returncode}\n{plan.stderr}")
     measured = int(s["peak_mem_bytes"])
     total = int(est["total_bytes"])
     return {
         **asdict(case),
         "micro_batch_tokens": int(est["micro_batch_tokens"]),
         "estimate_bytes": total,
+        "plan_bytes": int(json.loads(plan.stdout)["total_bytes"]),
         "measured_bytes": measured,
         "error": (total - measured) / measured,
         "breakdown": est["breakdown"],
@@ -214,20 +223,28 @@ def run_case(case: Case, root: Path, *, timeout: float = 900) -> dict[str, Any]:
 
 def print_table(rows: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> float:
     head = f"{'case':<30} {'method':<6} {'ckpt':<4} {'prec':<4} {'mb tokens':>9} "
-    head += f"{'estimate MiB':>12} {'measured MiB':>12} {'error':>7}"
+    head += f"{'estimate MiB':>12} {'plan':>5} {'measured MiB':>12} {'error':>7}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
             f"{r['name']:<30} {r['method']:<6} {'on' if r['checkpointing'] else 'off':<4} "
             f"{r['precision']:<4} {r['micro_batch_tokens']:>9} "
-            f"{r['estimate_bytes'] / MIB:>12.0f} {r['measured_bytes'] / MIB:>12.0f} "
+            f"{r['estimate_bytes'] / MIB:>12.0f} "
+            f"{'=' if r['plan_bytes'] == r['estimate_bytes'] else 'DIFF':>5} "
+            f"{r['measured_bytes'] / MIB:>12.0f} "
             f"{100 * r['error']:>+6.1f}%"
         )
     for name, why in skipped:
         print(f"{name:<30} skipped: {why}")
     worst = max((abs(r["error"]) for r in rows), default=0.0)
     print(f"max |error| {100 * worst:.1f}% over {len(rows)} cases (target {100 * TOLERANCE:.0f}%)")
+    differ = [r["name"] for r in rows if r["plan_bytes"] != r["estimate_bytes"]]
+    print(
+        "`loft plan CONFIG` printed the pre-flight estimate in every case"
+        if not differ
+        else f"`loft plan CONFIG` differs from the pre-flight in: {', '.join(differ)}"
+    )
     return worst
 
 

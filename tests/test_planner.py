@@ -399,6 +399,13 @@ def test_cli_errors_exit_2_without_traceback_or_torch():
     ok = _run_cli("plan", "--model", "mixtral-8x7b", "--method", "qlora", "--json")
     assert ok.returncode == 0, ok.stderr
     assert "TORCH False" in ok.stderr
+    # a config planned for a catalogue GPU is arithmetic too: no torch, no data read
+    config = Path(__file__).parents[1] / "examples" / "support_tickets" / "lora.yaml"
+    ok = _run_cli("plan", str(config), "--gpu", "l4", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert "TORCH False" in ok.stderr
+    out = _run_cli("plan", "--list", "--json")
+    assert out.returncode == 0 and "TORCH False" in out.stderr
 
 
 @pytest.mark.unit
@@ -421,12 +428,25 @@ def _train_configs() -> list[Path]:
     return [p for p in found if "data" in (yaml.safe_load(p.read_text()) or {})]
 
 
+def _other_device() -> str:
+    """The device this machine does not have: a plan for it is arithmetic, whatever the host."""
+    import torch
+
+    return "cpu" if torch.cuda.is_available() else "cuda"
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("config", _train_configs(), ids=lambda p: p.name)
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_every_example_config_plans(config, device):
-    result = runner.invoke(app, ["plan", str(config), "--device", device, "--json"])
+@pytest.mark.parametrize("target", ["gpu", "other-device"])
+def test_every_example_config_plans_for_another_target(config, target):
+    """Every shipped config plans for a catalogue GPU and for the device this machine lacks
+    (arithmetic: no data read, nothing converted); this machine's plan is the pre-flight's,
+    tested in test_plan_preflight.py."""
+    args = ["--gpu", "h100-sxm"] if target == "gpu" else ["--device", _other_device()]
+    result = runner.invoke(app, ["plan", str(config), *args, "--json"])
     assert result.exit_code == 0, result.output
     r = json.loads(result.output)
+    device = "cuda" if target == "gpu" else args[1]
     assert r["model"] == "smollm2-135m" and r["settings"]["device"] == device
     assert r["settings"]["method"] in config.name
+    assert r["assumptions"]["this_machine"] is False

@@ -32,6 +32,7 @@ def _check(name: str, root: Path) -> None:
     if not ok:
         pytest.skip(why)
     r = bench.run_case(case, root)
+    assert r["plan_bytes"] == r["estimate_bytes"], f"{name}: `loft plan CONFIG` != pre-flight"
     parts = ", ".join(f"{k} {v / bench.MIB:.0f}" for k, v in r["breakdown"].items() if v)
     assert abs(r["error"]) <= bench.TOLERANCE, (
         f"{name}: estimate {r['estimate_bytes'] / bench.MIB:.0f} MiB vs measured "

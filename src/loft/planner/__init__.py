@@ -16,6 +16,7 @@ from loft.planner.arch import (
     preset_names,
     resolve_arch,
 )
+from loft.planner.catalogue import gpu_rows, model_rows
 from loft.planner.cost import TimeCost, parse_tokens, time_and_cost
 from loft.planner.hardware import (
     CostDefaults,
@@ -56,6 +57,8 @@ __all__ = [
     "get_gpu",
     "get_preset",
     "gpu_catalogue",
+    "gpu_rows",
+    "model_rows",
     "parse_targets",
     "parse_tokens",
     "preset_info",

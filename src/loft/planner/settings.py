@@ -113,11 +113,13 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> str | tuple[str, 
 
 
 def settings_from_train_config(cfg: TrainConfig, *, device: str) -> RunSettings:
-    """loft's TrainConfig on ``device`` ("cuda" or "cpu") -> RunSettings, resolving loft's "auto"s.
+    """loft's TrainConfig on ``device`` ("cuda" or "cpu") -> RunSettings, resolving loft's "auto"s
+    as the planner's defaults for a device it cannot inspect (another target than this machine).
 
-    precision auto: bf16 on cuda, fp32 on cpu (loft's CPU default; it may still autocast to bf16
-    where the CPU has native bf16, which only shrinks activations). gradient_checkpointing auto: on
-    for cuda, off for cpu. loft's optimizer is torch AdamW with fp32 states.
+    precision auto: bf16 on cuda, fp32 on cpu. gradient_checkpointing auto: on for cuda, off for
+    cpu. loft's optimizer is torch AdamW with fp32 states. For this machine, the trainer's own
+    placement decides instead (it autocasts to bf16 on a CPU with native bf16):
+    ``loft.train.preflight.run_settings`` overrides precision and checkpointing from it.
     """
     t = cfg.training
     precision = {"auto": "bf16" if device == "cuda" else "fp32"}.get(t.precision, t.precision)

@@ -5,18 +5,25 @@ plan will actually draw from the prepared data (packed padding-free, so its real
 the LM head applied only to the positions whose next token is trained, and the precision and
 checkpointing ``plan_placement`` chose. When it exceeds the memory this device has, the run stops
 with the breakdown and the changes that would make it fit, unless ``--force``.
+
+``loft train`` calls :func:`run_preflight` on the rows it prepared; ``loft plan CONFIG`` (for this
+machine) calls :func:`preflight_config`, which takes the same placement, prepares (or reads from
+the cache) the same data, draws the same step plan and ends in the same :func:`run_preflight`, so
+the two print the same number. Without the data (no file, or the shape given as flags) it falls
+back to ``micro_batch_size`` x ``max_seq_len`` and says so in ``shape_from``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from loft.core.errors import HardwareError
+from loft.core.errors import HardwareError, LoftError
 from loft.core.specs import TrainConfig
 from loft.data.packing import IGNORE_INDEX
-from loft.train.device import Placement
+from loft.train.device import Placement, cpu_supports_bf16, plan_placement
 
 
 @dataclass(frozen=True)
@@ -25,20 +32,33 @@ class Preflight:
     capacity_bytes: int
     device: str
     micro_batch_tokens: int
+    placement: Placement | None = None
+    shape: str = "data"  # "data": the step plan over the prepared rows; "config": mbs x max_seq_len
+    shape_from: str = ""  # where micro_batch_tokens came from, in words
+    dataset_fingerprint: str | None = None
 
     @property
     def fits(self) -> bool:
         return self.estimate.total_bytes <= self.capacity_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "total_bytes": self.estimate.total_bytes,
             "breakdown": dict(self.estimate.breakdown),
             "capacity_bytes": self.capacity_bytes,
             "device": self.device,
             "micro_batch_tokens": self.micro_batch_tokens,
             "fits": self.fits,
+            "precision": self.estimate.settings.precision,
+            "gradient_checkpointing": self.estimate.settings.gradient_checkpointing,
+            "shape": self.shape,
+            "shape_from": self.shape_from,
         }
+        if self.placement is not None:
+            out["placement"] = self.placement.describe()
+        if self.dataset_fingerprint is not None:
+            out["dataset_fingerprint"] = self.dataset_fingerprint
+        return out
 
 
 def largest_micro_batch(rows: list[dict], plan: Any, *, limit: int = 500_000) -> tuple[int, float]:
@@ -92,6 +112,38 @@ def _rss() -> int:
         return 0
 
 
+def run_settings(
+    config: TrainConfig,
+    placement: Placement,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    packing: bool,
+    logit_fraction: float = 1.0,
+) -> Any:
+    """The planner's RunSettings for ``config`` as the trainer executes it under ``placement``:
+    its precision (bf16 autocast or fp32) and checkpointing, one device, AdamW."""
+    from loft.planner import settings_from_train_config
+
+    return settings_from_train_config(config, device=placement.device).with_(
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        packing=packing,
+        gradient_checkpointing=placement.gradient_checkpointing,
+        precision="bf16" if placement.autocast_bf16 else "fp32",
+        logit_fraction=logit_fraction,
+    )
+
+
+def _arch(config: TrainConfig) -> Any:
+    from loft.models import resolve_model
+    from loft.planner import resolve_arch
+
+    return resolve_arch(
+        config.base_model, resolve_path=lambda ref: resolve_model(ref, verify=False).path
+    )
+
+
 def run_preflight(
     config: TrainConfig,
     placement: Placement,
@@ -100,24 +152,126 @@ def run_preflight(
     *,
     capacity_bytes: int | None = None,
 ) -> Preflight:
-    from loft.models import resolve_model
-    from loft.planner import estimate, resolve_arch, settings_from_train_config
+    """The estimate for the largest micro-batch ``plan`` (the trainer's StepPlan) draws from
+    ``rows`` (the prepared training rows), under ``placement``."""
+    from loft.planner import estimate
 
-    arch = resolve_arch(
-        config.base_model, resolve_path=lambda ref: resolve_model(ref, verify=False).path
-    )
     tokens, trained = largest_micro_batch(rows, plan)
-    settings = settings_from_train_config(config, device=placement.device).with_(
+    settings = run_settings(
+        config,
+        placement,
         micro_batch=1,
         seq_len=tokens,
         packing=True,
-        gradient_checkpointing=placement.gradient_checkpointing,
-        precision="bf16" if placement.autocast_bf16 else "fp32",
         logit_fraction=trained if placement.device == "cpu" else 1.0,
     )
-    est = estimate(arch, settings)
+    est = estimate(_arch(config), settings)
     cap = capacity_bytes if capacity_bytes is not None else device_capacity(placement.device)
-    return Preflight(est, cap, placement.device, tokens)
+    where = (
+        f"the largest micro-batch of the step plan ({plan.total_steps:,} steps x "
+        f"{plan.per_step:,} examples over {len(rows):,} prepared examples)"
+    )
+    return Preflight(est, cap, placement.device, tokens, placement, "data", where)
+
+
+def machine_device() -> str:
+    """The device `loft train` would use here: cuda when torch sees a GPU, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def placement_reasons(config: TrainConfig, placement: Placement) -> dict[str, str]:
+    """Why ``plan_placement`` decided what it did, one phrase per decision."""
+    t, cuda = config.training, placement.device == "cuda"
+    device = (
+        "this machine has a CUDA GPU" if cuda else "this machine has no CUDA GPU (torch sees none)"
+    )
+    if t.precision != "auto":
+        precision = f"training.precision {t.precision} in the config"
+    elif cuda:
+        has = "supports" if placement.autocast_bf16 else "does not support"
+        precision = f"training.precision auto: this GPU {has} bf16"
+    else:
+        has = "has" if cpu_supports_bf16() else "has no"
+        precision = f"training.precision auto: this CPU {has} native bf16 (AVX512-BF16/AMX)"
+    key = "training.gradient_checkpointing"
+    if t.gradient_checkpointing == "auto":
+        ckpt = f"{key} auto: {'on for cuda' if cuda else 'off for cpu'}"
+    else:
+        ckpt = f"{key} {str(t.gradient_checkpointing).lower()} in the config"
+    return {"device": device, "precision": precision, "gradient_checkpointing": ckpt}
+
+
+def _prepared_rows(config: TrainConfig, progress: bool) -> tuple[list[dict], Any] | str:
+    """The training rows `loft train` would prepare from ``config`` (read from the cache by
+    fingerprint when prepared before), or the reason they cannot be had here."""
+    missing = [p for p in (config.data.train, config.data.eval) if p and not Path(p).is_file()]
+    if missing:
+        return f"data file {missing[0]} not found"
+    from loft.data import prepare_dataset
+    from loft.models import load_tokenizer, resolve_model
+    from loft.train.sft import _rows
+
+    try:
+        tokenizer = load_tokenizer(resolve_model(config.base_model, verify=False))
+        dataset = prepare_dataset(config.data, tokenizer, progress=progress)
+    except LoftError as e:
+        return f"{config.data.train} could not be prepared here ({str(e).splitlines()[0]})"
+    rows = _rows(dataset.train)
+    if not rows:
+        return f"no trainable examples in {config.data.train} after preparation"
+    return rows, dataset
+
+
+def preflight_config(
+    config: TrainConfig,
+    *,
+    micro_batch: int | None = None,
+    seq_len: int | None = None,
+    capacity_bytes: int | None = None,
+    progress: bool = False,
+) -> Preflight:
+    """What `loft train CONFIG` would estimate before loading the model on this machine.
+
+    The placement is ``plan_placement``'s (HardwareError where train would refuse). When the
+    config's data file exists, it is prepared as `loft train` prepares it (a cache hit by
+    fingerprint when it was prepared before) and the estimate is ``run_preflight``'s for the
+    trainer's step plan: the same number `loft train` records in run_summary.json. Otherwise
+    (or with ``micro_batch``/``seq_len`` given) the micro-batch is ``micro_batch_size`` x
+    ``max_seq_len`` tokens, all of them with logits, and ``shape_from`` says why.
+    """
+    placement = plan_placement(config)
+    if micro_batch is None and seq_len is None:
+        found = _prepared_rows(config, progress)
+        if not isinstance(found, str):
+            from loft.train.sft import make_plan
+
+            rows, dataset = found
+            pre = run_preflight(
+                config, placement, rows, make_plan(config, len(rows)), capacity_bytes=capacity_bytes
+            )
+            return replace(pre, dataset_fingerprint=dataset.fingerprint)
+        why = found
+    else:
+        given = [f for f, v in (("--micro-batch", micro_batch), ("--seq-len", seq_len)) if v]
+        why = f"{' and '.join(given)} given"
+    from loft.planner import estimate
+
+    t = config.training
+    mbs = micro_batch or t.micro_batch_size
+    seq = seq_len or config.data.max_seq_len
+    settings = run_settings(
+        config, placement, micro_batch=mbs, seq_len=seq, packing=config.data.packing
+    )
+    est = estimate(_arch(config), settings)
+    cap = capacity_bytes if capacity_bytes is not None else device_capacity(placement.device)
+    where = (
+        f"{'--micro-batch' if micro_batch else 'training.micro_batch_size'} {mbs} x "
+        f"{'--seq-len' if seq_len else 'data.max_seq_len'} {seq}, every position with logits "
+        f"(the most a micro-batch can hold): {why}"
+    )
+    return Preflight(est, cap, placement.device, mbs * seq, placement, "config", where)
 
 
 def suggestions(pre: Preflight, config: TrainConfig) -> list[tuple[str, int]]:
@@ -134,8 +288,11 @@ def suggestions(pre: Preflight, config: TrainConfig) -> list[tuple[str, int]]:
     mbs, accum = config.training.micro_batch_size, config.training.grad_accum
     while mbs > 1 and (not out or out[-1][1] > pre.capacity_bytes):
         mbs, accum = max(1, mbs // 2), accum * 2
-        per = max(1, tokens * mbs // config.training.micro_batch_size)
-        settings = settings.with_(seq_len=per)
+        if pre.shape == "data":  # the data's micro-batch: one packed row of its tokens
+            per = max(1, tokens * mbs // config.training.micro_batch_size)
+            settings = settings.with_(seq_len=per)
+        else:  # micro_batch x seq_len (no data): fewer rows of the same length
+            settings = settings.with_(micro_batch=mbs)
         step = [f"--set training.micro_batch_size={mbs}", f"--set training.grad_accum={accum}"]
         out.append((" ".join([*changes, *step]), estimate(pre.estimate.arch, settings).total_bytes))
     if pre.device == "cuda" and config.method != "qlora":
