@@ -124,7 +124,7 @@ def test_overfit_canaries_have_high_exposure_untrained_low(overfit: Path, tiny_m
     assert metrics["canaries_memorised"] == 3
 
     # the run dir resolves the same canaries through its lineage.json
-    _, doc = load_canaries(load_target(str(overfit)))
+    _, doc = load_canaries(str(overfit))
     assert doc["canaries"] == [r["canary"] for r in trained["canaries"]]
 
     base = load_target(str(tiny_model))
@@ -133,9 +133,14 @@ def test_overfit_canaries_have_high_exposure_untrained_low(overfit: Path, tiny_m
     assert untrained["n_memorised"] == 0
     assert trained["mean_exposure"] > untrained["mean_exposure"] + 2
 
-    # a model with no canary lineage is refused, naming the setting that fixes it
-    with pytest.raises(NotFoundError, match=r"data\.canaries"):
-        load_canaries(base)
+    # a model with no canary lineage is refused, naming the setting that fixes it, before any
+    # model is loaded
+    import loft.evaluate.audit as audit
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(audit, "load_target", lambda ref: pytest.fail("loaded a model"))
+        with pytest.raises(NotFoundError, match=r"data\.canaries"):
+            audit.audit_canaries(str(tiny_model))
 
 
 @pytest.mark.integration
@@ -145,5 +150,9 @@ def test_audit_cli_json(overfit: Path, capsys: pytest.CaptureFixture):
     capsys.readouterr()
     main(["audit", "canaries", "canary-bot:1", "--candidates", "50", "--json"])
     report = json.loads(capsys.readouterr().out)
+    # without --json it says what it is doing before the slow part
+    main(["audit", "canaries", "canary-bot:1", "--candidates", "5"])
+    err = capsys.readouterr().err
+    assert "loading canary-bot:1 to score 3 canaries against 5 candidates each" in err
     assert {"canaries", "mean_exposure", "max_exposure", "n_memorised"} <= set(report)
     assert report["canaries"][0]["rank"] == 1

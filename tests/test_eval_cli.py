@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,29 +228,34 @@ def test_pluggable_scorer_and_bad_names(tiny_model, heldout, tmp_path, monkeypat
         evaluate_model(str(tiny_model), heldout, metrics=["bleu"])
 
 
-def test_registry_reference_is_verified_and_gets_its_metrics(
-    run_dir, heldout, monkeypatch, loft_home
-):
-    from loft.evaluate import loading
+def test_registry_reference_is_verified_and_gets_its_evaluation(run_dir, heldout, loft_home):
+    from loft import registry
+    from loft.core.errors import IntegrityError
+    from loft.evaluate.run import evaluate_model, read_eval_records
+    from loft.registry.evaluations import records_fingerprint
 
-    calls: dict[str, list] = {"get": [], "record": []}
-
-    def get_version(ref: str, verify: bool = False):
-        calls["get"].append((ref, verify))
-        return SimpleNamespace(path=run_dir / "adapter", name="support", version=3)
-
-    def record_metrics(ref: str, metrics: dict) -> None:
-        calls["record"].append((ref, dict(metrics)))
-
-    fake = SimpleNamespace(get_version=get_version, record_metrics=record_metrics)
-    monkeypatch.setattr(loading, "registry_module", lambda: fake)
-    from loft.evaluate import run as run_mod
-
-    monkeypatch.setattr(run_mod, "registry_module", lambda: fake)
-    report = run_mod.evaluate_model("support@champion", heldout, metrics=["eval_loss"])
-    assert calls["get"] == [("support@champion", True)]
-    assert report.ref == "support:3"
-    assert calls["record"] == [("support:3", {"eval_loss": report.candidate["eval_loss"]})]
+    mv = registry.register(run_dir, name="support")
+    registry.move_alias("support", "champion", mv.version, reason="test")
+    report = evaluate_model(
+        "support@champion", heldout, metrics=["eval_loss", "exact_match"], n=3,
+        max_new_tokens=4, progress=False,
+    )  # fmt: skip
+    assert report.ref == "support:1"
+    entries = registry.get_version("support:1").card["evaluations"][-2:]
+    fp = records_fingerprint(read_eval_records(heldout, 3))
+    assert [(e["metric"], e["value"]) for e in entries] == [
+        ("eval_loss", report.candidate["eval_loss"]),
+        ("exact_match", report.candidate["exact_match"]),
+    ]
+    loss, match = (e["on"] for e in entries)
+    assert loss == {"kind": "data", "path": str(heldout.resolve()), "fingerprint": fp,
+                    "records": 3, "settings": {}}  # fmt: skip
+    assert match == {**loss, "settings": {"max_new_tokens": 4}}  # generation depends on it
+    assert entries[0]["mlflow_run_id"] == report.mlflow_run_id
+    weights = mv.path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # truncated: every load verifies first
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors"):
+        evaluate_model("support:1", heldout, metrics=["eval_loss"], progress=False)
 
 
 # ---------------------------------------------------------------- CLI

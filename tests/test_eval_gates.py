@@ -204,3 +204,21 @@ def test_lcs_length():
 )
 def test_rouge_l_hand_checked(pred, ref, expected):
     assert rouge_l(pred, ref) == pytest.approx(expected)
+
+
+@pytest.mark.unit
+def test_a_metric_with_no_value_says_what_was_meant_or_how_to_measure_it():
+    present = {"eval_loss": 1.0, "json_exact_match": 0.5}
+
+    def reason(expr: str) -> str:
+        (row,) = evaluate_gate(parse_gate([expr]), present, None).checks
+        assert not row.passed
+        return row.reason
+
+    assert "did you mean 'eval_loss'?" in reason("eval_los <= 1")
+    assert "did you mean 'json_exact_match'?" in reason("json_exact_mach >= 0.5")
+    assert "`loft eval REF --data FILE --metrics rouge_l`" in reason("rouge_l >= 0.1")
+    assert "--lm-eval hellaswag" in reason("hellaswag/acc_norm >= 0.3")
+    assert "`loft audit canaries REF`" in reason("canary_exposure_max <= 5")
+    odd = reason("vibes >= 3")
+    assert "none of loft's metrics" in odd and "--metrics vibes" not in odd

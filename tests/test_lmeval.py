@@ -140,7 +140,10 @@ def test_regression_records_results_on_registry_version(loft_home: Path, tiny_mo
     assert all(r["delta"] == 0.0 for r in rows)
     card = loft.registry.get_version(f"{mv.name}:{mv.version}").card
     assert card["metrics"][f"{TASK}/acc"] == by_metric[f"{TASK}/acc"]["candidate"]
-    assert card["metrics"][TASK] == by_metric[f"{TASK}/acc_norm"]["candidate"]
+    assert TASK not in card["metrics"]  # a task name is not a metric
+    entries = {e["metric"]: e for e in card["evaluations"]}
+    assert entries[f"{TASK}/acc"]["on"] == {"kind": "lm-eval", "task": TASK, "limit": 5}
+    assert entries[f"{TASK}/acc"]["source"] == "lm-eval" and entries[f"{TASK}/acc"]["basis"]
 
 
 @pytest.mark.unit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ VERSION_KEYS = {
     "created",
     "lineage",
     "metrics",
+    "evaluations",
+    "weights_digest",
     "files",
     "bytes",
     "degraded",
@@ -129,6 +132,26 @@ def test_register_run_dir_writes_complete_lineage_card(registry, run_dir: Path):
     assert lin["loft_version"]
     assert mv.card["metrics"]["exact_match"] == 0.25
     assert mv.card["metrics"]["eval_loss"] == pytest.approx(summary["eval_loss"])
+    # each number says what it was measured on: the run's eval loss on its dataset's eval split
+    # (comparable with other runs of that dataset), the declared one on nothing known
+    entries = {e["metric"]: e for e in mv.to_dict()["evaluations"]}
+    assert entries["eval_loss"]["on"] == {
+        "kind": "train-eval-split",
+        "fingerprint": summary["dataset_fingerprint"],
+        "records": lin["data_report"]["eval_records"],
+    }
+    assert entries["eval_loss"]["basis"] and entries["eval_loss"]["source"] == "train"
+    assert entries["final_train_loss"]["basis"] is None  # a property of that run alone
+    assert (
+        entries["exact_match"]["basis"] is None and entries["exact_match"]["source"] == "declared"
+    )
+    # the digest a server names for it: sha256 of "path:sha256\n" over its weight files
+    line = f"adapter_model.safetensors:{records['adapter_model.safetensors']['sha256']}\n"
+    assert mv.to_dict()["weights_digest"] == hashlib.sha256(line.encode()).hexdigest()
+    shown = _cli("show", "card-bot:1")
+    assert (
+        mv.to_dict()["weights_digest"] in shown.output and "X-Loft-Adapter-Sha256" in shown.output
+    )
     # the MLflow version points at the folder and is linked to the training run
     mlv = client().get_model_version("card-bot", "1")
     assert mlv.run_id == summary["mlflow_run_id"]
@@ -307,15 +330,22 @@ def test_diff_record_metrics_and_degraded(registry, run_dir: Path, tmp_path: Pat
     assert d["data"]["fingerprint"]["same"] is True
     assert d["metrics"]["exact_match"] == {"a": 0.5, "b": 0.75, "delta": 0.25}
 
-    registry.record_metrics("diff-bot:1", {"exact_match": 0.9, "rouge_l": 0.4})
+    from loft.registry.evaluations import make_entries
+
+    on = {"kind": "data", "path": "/x.jsonl", "fingerprint": "ab" * 32, "records": 3}
+    before = len(registry.get_version("diff-bot:1").card["evaluations"])
+    registry.record_evaluation(
+        "diff-bot:1", make_entries({"exact_match": 0.9, "rouge_l": 0.4}, on=on, source="eval")
+    )
     again = registry.get_version("diff-bot:1")  # card rewrite keeps the version intact
-    assert again.card["metrics"]["exact_match"] == 0.9
+    assert len(again.card["evaluations"]) == before + 2  # appended, nothing overwritten
+    assert again.card["metrics"]["exact_match"] == 0.9  # the newest value of each metric
     assert again.card["metrics"]["rouge_l"] == 0.4
     assert "eval_loss" in again.card["metrics"]
     tags = client().get_model_version("diff-bot", "1").tags
     assert tags["loft.metric.rouge_l"] == "0.4"
     with pytest.raises(ConfigError):
-        registry.record_metrics("diff-bot:1", {"bad": "high"})
+        registry.record_evaluation("diff-bot:1", make_entries({"bad": "high"}, on=on, source="x"))
 
     registry.mark_degraded("diff-bot:2", "exact_match fell below 0.7")
     assert registry.get_version("diff-bot:2").card["degraded"]["reason"].startswith("exact_match")

@@ -53,7 +53,13 @@ def test_watch_healthy_then_degraded_with_rollback(watched, capsys: pytest.Captu
     result = json.loads(capsys.readouterr().out)
     assert result["passed"] and result["version"] == 2 and result["degraded"] is None
     assert [c["passed"] for c in result["checks"]] == [True, True]
-    assert "skipped" not in result["checks"][1]["reason"]  # compared with version 1's 50.0
+    # compared with version 1 scored on the same file now (its declared 50.0 is on no known
+    # data, so it is never compared), and that measurement is kept on version 1
+    assert "skipped" not in result["checks"][1]["reason"]
+    assert Path(data).name in result["checks"][1]["reason"]
+    on_data = [e for e in get_version("watched:1", verify=False).card["evaluations"]
+               if e["on"].get("path") == str(Path(data).resolve())]  # fmt: skip
+    assert [e["source"] for e in on_data] == ["watch"]
     mv = get_version("watched@champion", verify=False)
     assert mv.version == 2 and mv.card["degraded"] is None
     assert "eval_loss" in mv.card["metrics"] and mv.card["metrics"]["eval_loss"] != 50.0
@@ -71,6 +77,7 @@ def test_watch_healthy_then_degraded_with_rollback(watched, capsys: pytest.Captu
     assert code == 3
     out = capsys.readouterr()
     assert "eval_loss <= 0.0001" in out.out + out.err and "FAIL" in out.out
+    assert "now serves version 1" in out.err and "roll back with" not in out.err  # no stale hint
     assert get_version("watched@champion", verify=False).version == 1
     degraded = get_version("watched:2", verify=False).card["degraded"]
     assert "eval_loss <= 0.0001" in degraded["reason"]
@@ -80,14 +87,17 @@ def test_watch_healthy_then_degraded_with_rollback(watched, capsys: pytest.Captu
 
 
 def test_watch_relative_check_without_previous_is_skipped(watched):
-    from loft.evaluate.continuous import run_checks
-    from loft.evaluate.gates import parse_gate
+    from loft.evaluate.continuous import check_alias
+    from loft.registry import move_alias
 
-    checks = parse_gate(["eval_loss <= champion + 0.1", "exact_match >= 0.5"])
-    results = run_checks(checks, {"eval_loss": 3.0}, None, "watched:1")
-    assert all(r.passed for r in results)
-    assert results[0].reason.startswith("skipped: no previous version")
-    assert results[1].reason.startswith("skipped: 'exact_match' was not measured")
+    root, data = watched
+    move_alias("watched", "solo", 1, reason="an alias that never moved before")
+    gate = _gate(root, "solo.yaml", "eval_loss <= champion + 0.1", "task/acc >= 0.5")
+    result = check_alias("watched@solo", data, gate, metrics=["eval_loss"])
+    assert result["passed"] and result["degraded"] is None
+    relative, other = result["checks"]
+    assert relative["reason"].startswith("skipped: no previous version")
+    assert other["reason"].startswith("skipped: 'task/acc' was not measured")
 
 
 def test_watch_refuses_a_non_alias_ref(watched):

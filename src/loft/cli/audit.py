@@ -32,7 +32,7 @@ def canaries_cmd(
     from loft.cli.output import console, print_json
     from loft.evaluate.audit import audit_canaries
 
-    report = audit_canaries(ref, candidates=candidates, seed=seed)
+    report = audit_canaries(ref, candidates=candidates, seed=seed, progress=not json_out)
     if json_out:
         print_json(report)
         return

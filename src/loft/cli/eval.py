@@ -68,10 +68,12 @@ def register(root: typer.Typer) -> None:
         tasks: list[str] = []
         include: Path | None = None
         if lm_eval:
+            from loft.evaluate.harness import say
             from loft.evaluate.lmeval import check_tasks_available, default_include, parse_tasks
 
             tasks = parse_tasks(lm_eval)
             include = lm_eval_include or default_include()
+            say(f"checking lm-eval task(s) {', '.join(tasks)} and their data", not json_out)
             check_tasks_available(tasks, include)  # before any model is loaded
         report = evaluate_model(
             model_ref,
@@ -87,7 +89,10 @@ def register(root: typer.Typer) -> None:
         if tasks:
             from loft.evaluate.lmeval import regression
 
-            rows = regression(model_ref, baseline, tasks, include_path=include, limit=lm_eval_limit)
+            rows = regression(
+                model_ref, baseline, tasks, include_path=include, limit=lm_eval_limit,
+                progress=not (quiet or json_out),
+            )  # fmt: skip
             report.rows.extend(rows)
             report.candidate.update({r["metric"]: r["candidate"] for r in rows})
             if report.baseline is not None:

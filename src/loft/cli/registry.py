@@ -78,7 +78,11 @@ def show_cmd(
     ref: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME:VERSION."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Show a version's lineage, metrics, aliases and file sizes (files are not re-hashed)."""
+    """Show a version's lineage, evaluations, aliases, files and served digest (files are not
+    re-hashed; `verify` does that).
+
+    The digest is what `loft serve` names in X-Loft-Adapter-Sha256 and in its audit log:
+    sha256 over the sorted lines `PATH:SHA256\\n` of the version's *.safetensors files."""
     from loft.registry import get_version
 
     d = get_version(ref, verify=False).to_dict()
@@ -101,12 +105,30 @@ def show_cmd(
     console.print(f"  loft:     {lin['loft_version']} (git {_fmt(lin['git_commit'])})")
     if d["degraded"]:
         console.print(f"  [red]degraded:[/] {d['degraded'].get('reason')}")
-    console.print("  metrics:")
-    for key, value in sorted(d["metrics"].items()):
-        console.print(f"    {key} = {_fmt(value)}")
+    _print_evaluations(d["evaluations"])
+    console.print(f"  digest:   {d['weights_digest']}  (X-Loft-Adapter-Sha256 when served)")
     console.print(f"  files ({_size(d['bytes'])}):")
     for f in d["files"]:
         console.print(f"    {f['path']}  {_size(f['bytes'])}  {f['sha256'][:16]}")
+
+
+def _print_evaluations(entries: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    from loft.registry.evaluations import describe
+
+    if not entries:
+        console.print("  evaluations: none (measure with `loft eval REF --data FILE`)")
+        return
+    table = Table(box=None, header_style="bold", title="  evaluations", title_justify="left")
+    for col in ("metric", "value", "measured on", "basis", "source", "when"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for e in entries:
+        table.add_row(
+            e["metric"], _fmt(e["value"]), describe(e.get("on")), e.get("basis") or "-",
+            e.get("source") or "-", str(e.get("time") or "-"),
+        )  # fmt: skip
+    console.print(table)
 
 
 @app.command("diff")
@@ -164,6 +186,11 @@ def history_cmd(
         console.print(f"No alias moves recorded for {name}.")
         return
     for r in rows:
+        if "deleted" in r:
+            console.print(
+                f"{r['when']}  deleted version {r['deleted']}  by {r['who']}  {r.get('why') or ''}"
+            )
+            continue
         flags = " [yellow]forced[/]" if r.get("forced") else ""
         flags += " (rollback)" if r.get("rollback") else ""
         console.print(
@@ -171,7 +198,25 @@ def history_cmd(
             f"{flags}  {r.get('why') or ''}"
         )
         for check in r.get("gate") or []:
-            console.print(f"    gate: {check}")
+            mark = "pass" if check.get("passed") else "FAIL"
+            console.print(f"    gate {mark}: {check.get('expr')}  ({check.get('reason')})")
+
+
+@app.command("delete")
+def delete_cmd(
+    ref: str = typer.Argument(..., help="NAME:VERSION to delete."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the history)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a version: MLflow forgets it and its files are removed (a DELETED.json tombstone
+    keeps its number and digest). Refused while an alias points at it."""
+    from loft.registry import delete_version
+
+    if not yes:
+        typer.confirm(f"Delete {ref} and its files?", abort=True)
+    entry = delete_version(ref, reason=reason)
+    name = ref.partition(":")[0]
+    console.print(f"deleted {name}:{entry['deleted']} (recorded in `loft registry history {name}`)")
 
 
 @app.command("rollback")
@@ -215,16 +260,20 @@ def promote_cmd(
     reason: str = typer.Option("", "--reason", help="Why (recorded in the history)."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Run the gate on the version's recorded metrics and move the alias only if it passes.
+    """Run the gate on the version's evaluations and move the alias only if it passes.
 
     Exit 0 when the alias moved, 3 when the gate refused. Relative checks such as
-    `eval_loss <= champion + 0.02` compare with the version the alias points at now.
+    `eval_loss <= champion + 0.02` compare with the version the alias points at now, measured on
+    the same records with the same settings; when it has no such measurement and the
+    candidate's file is still there, it is evaluated on it first (and that is recorded).
     """
     from loft.core.errors import GateRefused
     from loft.evaluate.promotion import promote
 
     try:
-        promo = promote(ref, to=to, gate_path=gate, force=force, reason=reason)
+        promo = promote(
+            ref, to=to, gate_path=gate, force=force, reason=reason, progress=not json_out
+        )
     except GateRefused as e:
         if e.promotion is not None:
             _print_promotion(e.promotion, json_out)

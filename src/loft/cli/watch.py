@@ -45,19 +45,21 @@ def register(root: typer.Typer) -> None:
         else:
             _print(console, result)
         if not result["passed"]:
-            moved = (
-                f"; {ref} rolled back to version {result['rolled_back_to']}"
-                if result["rolled_back_to"] is not None
-                else ""
-            )
-            raise GateRefused(
-                f"{ref} (version {result['version']}) is degraded: "
-                + ", ".join(c["expr"] for c in result["checks"] if not c["passed"])
-                + moved,
-                promotion=result,
-                hint=f"See `loft registry show {ref}`; roll back with "
-                f"`loft registry rollback {ref.partition('@')[0]}`.",
-            )
+            name, version, back = ref.partition("@")[0], result["version"], result["rolled_back_to"]
+            failed = ", ".join(c["expr"] for c in result["checks"] if not c["passed"])
+            if back is not None:
+                message = f"{ref} (version {version}) is degraded: {failed}; rolled back"
+                hint = (
+                    f"{ref} now serves version {back}; version {version} is marked degraded "
+                    f"(`loft registry show {name}:{version}`)."
+                )
+            else:
+                message = f"{ref} (version {version}) is degraded: {failed}"
+                hint = (
+                    f"See `loft registry show {name}:{version}`; roll back with "
+                    f"`loft registry rollback {name}` (or watch with --rollback)."
+                )
+            raise GateRefused(message, promotion=result, hint=hint)
 
 
 def _print(console: Any, result: dict[str, Any]) -> None:

@@ -27,7 +27,8 @@ from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import datasets_dir
 from loft.data.canaries import CANARIES_FILE, SECRET_DIGITS, canary_messages, parse_canary
 from loft.data.template import assistant_spans
-from loft.evaluate.loading import Target, load_target, registry_module
+from loft.evaluate.harness import progress_bar, say
+from loft.evaluate.loading import Target, load_target
 
 BATCH = 64
 
@@ -43,16 +44,20 @@ def _json(path: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _fingerprint(target: Target) -> str | None:
-    """The dataset fingerprint the target was trained on (registry card or run lineage.json)."""
-    registry = registry_module()
-    if target.registry_ref and registry is not None:
-        card = registry.get_version(target.registry_ref, verify=False).card
-        lineage = card.get("lineage") or {}
-        return lineage.get("dataset_fingerprint")
-    if target.path is None:
-        return None
-    folders = [target.path, target.path.parent]
+def _fingerprint(ref: str) -> tuple[str | None, str]:
+    """(dataset fingerprint, label) of what ``ref`` was trained on, read from its registry card or
+    run lineage without loading any weights; (None, label) for a base model."""
+    from loft import registry
+
+    path = Path(ref).expanduser()
+    if not (ref and path.exists()):
+        try:
+            mv = registry.get_version(ref, verify=False)
+        except (NotFoundError, ConfigError):
+            return None, ref  # a base model (load_target will say if it is not one either)
+        lineage = mv.card.get("lineage") or {}
+        return lineage.get("dataset_fingerprint"), f"{mv.name}:{mv.version}"
+    folders = [path, path.parent]
     for folder in list(folders):
         folders += [folder / "adapter", folder / "model"]
     for folder in folders:
@@ -62,16 +67,17 @@ def _fingerprint(target: Target) -> str | None:
                 "dataset_fingerprint"
             )
             if fp:
-                return str(fp)
-    return None
+                return str(fp), str(path.resolve())
+    return None, str(path.resolve())
 
 
-def load_canaries(target: Target) -> tuple[str, dict[str, Any]]:
-    """(fingerprint, canaries.json) of the dataset ``target`` was trained on."""
-    fp = _fingerprint(target)
+def load_canaries(ref: str) -> tuple[str, dict[str, Any]]:
+    """(fingerprint, canaries.json) of the dataset ``ref`` was trained on; raises before any
+    model is loaded when there are none."""
+    fp, label = _fingerprint(ref)
     if not fp:
         raise NotFoundError(
-            f"{target.name}: no dataset fingerprint in its lineage (a base model, or weights "
+            f"{label}: no dataset fingerprint in its lineage (a base model, or weights "
             "trained outside loft), so there are no canaries to audit",
             hint="Train with `data.canaries: N` (e.g. --set data.canaries=10), then audit that "
             "run or its registered version.",
@@ -79,7 +85,7 @@ def load_canaries(target: Target) -> tuple[str, dict[str, Any]]:
     path = datasets_dir() / fp / CANARIES_FILE
     if not path.is_file():
         raise NotFoundError(
-            f"{target.name} was trained on dataset {fp[:12]}, which was not prepared with "
+            f"{label} was trained on dataset {fp[:12]}, which was not prepared with "
             f"canaries ({path} does not exist)",
             hint="Prepare and train with `data.canaries: N` (e.g. data.canaries: 10) in the "
             "config, then run `loft audit canaries` on the new run.",
@@ -146,32 +152,43 @@ def memorised_threshold(candidates: int) -> float:
 
 
 def audit_target(
-    target: Target, canaries: list[str], *, candidates: int = 1000, seed: int = 0
+    target: Target,
+    canaries: list[str],
+    *,
+    candidates: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Exposure of each canary for an already loaded ``target``."""
     if candidates < 1:
         raise ConfigError(f"candidates must be >= 1, got {candidates}", hint="Use e.g. 1000.")
     rng = random.Random(seed)
     rows = []
-    for canary in canaries:
-        _, secret = parse_canary(canary)
-        digits = len(secret) or SECRET_DIGITS
-        pool: list[str] = []
-        while len(pool) < candidates:  # random secrets of the same shape, never the true one
-            s = "".join(rng.choice("0123456789") for _ in range(digits))
-            if s != secret:
-                pool.append(s)
-        nll = secret_nll(target, canary, [secret, *pool])
-        true = nll[0]
-        rank = 1 + sum(1 for x in nll[1:] if x <= true)
-        rows.append(
-            {
-                "canary": canary,
-                "rank": rank,
-                "exposure": exposure(rank, candidates),
-                "nll": true,
-            }
-        )
+    bar = progress_bar("scoring canaries", progress)
+    with bar:
+        task = bar.add_task("canaries", total=len(canaries))
+        for canary in canaries:
+            rows.append(_score_canary(target, canary, candidates, rng))
+            bar.advance(task)
+    return _summary(rows, candidates)
+
+
+def _score_canary(target: Target, canary: str, candidates: int, rng: random.Random) -> dict:
+    """Rank of the canary's true secret among ``candidates`` random ones of its shape."""
+    _, secret = parse_canary(canary)
+    digits = len(secret) or SECRET_DIGITS
+    pool: list[str] = []
+    while len(pool) < candidates:  # random secrets of the same shape, never the true one
+        s = "".join(rng.choice("0123456789") for _ in range(digits))
+        if s != secret:
+            pool.append(s)
+    nll = secret_nll(target, canary, [secret, *pool])
+    true = nll[0]
+    rank = 1 + sum(1 for x in nll[1:] if x <= true)
+    return {"canary": canary, "rank": rank, "exposure": exposure(rank, candidates), "nll": true}
+
+
+def _summary(rows: list[dict[str, Any]], candidates: int) -> dict[str, Any]:
     exposures = [r["exposure"] for r in rows]
     threshold = memorised_threshold(candidates)
     for r in rows:
@@ -188,7 +205,9 @@ def audit_target(
     }
 
 
-def audit_canaries(ref: str, *, candidates: int = 1000, seed: int = 0) -> dict[str, Any]:
+def audit_canaries(
+    ref: str, *, candidates: int = 1000, seed: int = 0, progress: bool = False
+) -> dict[str, Any]:
     """Load ``ref``, find the canaries of the dataset it was trained on, measure their exposure.
 
     For a registry reference the summary goes onto the version's card as ``canary_exposure_mean``,
@@ -196,19 +215,25 @@ def audit_canaries(ref: str, *, candidates: int = 1000, seed: int = 0) -> dict[s
     """
     if candidates < 1:
         raise ConfigError(f"candidates must be >= 1, got {candidates}", hint="Use e.g. 1000.")
+    fp, doc = load_canaries(ref)  # before the model is loaded: no canaries, no waiting
+    n = len(doc["canaries"])
+    say(f"loading {ref} to score {n} canaries against {candidates} candidates each", progress)
     target = load_target(ref)
-    fp, doc = load_canaries(target)
-    report = audit_target(target, list(doc["canaries"]), candidates=candidates, seed=seed)
+    report = audit_target(
+        target, list(doc["canaries"]), candidates=candidates, seed=seed, progress=progress
+    )
     report = {"ref": target.name, "dataset_fingerprint": fp, **report}
-    registry = registry_module()
-    if target.registry_ref and registry is not None:
-        registry.record_metrics(
-            target.registry_ref,
-            {
-                "canary_exposure_mean": report["mean_exposure"],
-                "canary_exposure_max": report["max_exposure"],
-                "canaries_memorised": float(report["n_memorised"]),
-            },
-            source="audit",
+    if target.registry_ref:
+        from loft import registry
+        from loft.registry.evaluations import make_entries
+
+        metrics = {
+            "canary_exposure_mean": report["mean_exposure"],
+            "canary_exposure_max": report["max_exposure"],
+            "canaries_memorised": float(report["n_memorised"]),
+        }
+        on = {"kind": "canaries", "fingerprint": fp, "candidates": candidates, "seed": seed}
+        registry.record_evaluation(
+            target.registry_ref, make_entries(metrics, on=on, source="audit")
         )
     return report

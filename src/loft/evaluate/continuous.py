@@ -1,13 +1,15 @@
 """Continuous evaluation: re-measure the version an alias points at and act when it fails its gate.
 
 ``check_alias("bot@champion", data, gate)`` evaluates the version behind the alias on ``data``
-(metrics: the ones the gate names that ``loft eval`` can measure, unless given), then runs the gate:
+(metrics: the ones the gate names that ``loft eval`` can measure, unless given), records the
+results on the version, then runs the gate on them:
 
 - **absolute** checks (``exact_match >= 0.8``) are evaluated on the fresh results;
-- **relative** checks (``eval_loss <= champion + 0.02``) compare with the *recorded* metrics of the
-  version the alias pointed at before its latest move (the one a rollback would restore). When
-  there is no such version, or it has no recorded value for the metric, the check is skipped and
-  says why; a skipped check never marks a version degraded;
+- **relative** checks (``eval_loss <= champion + 0.02``) compare with the version the alias pointed
+  at before its latest move (the one a rollback would restore), measured on the same records with
+  the same settings: its entry for this data when it has one, else it is evaluated on ``data``
+  now. With no such version the check is skipped and says why; a skipped check never marks a
+  version degraded;
 - a check on a metric this run did not measure (e.g. an lm-eval task) is skipped the same way.
 
 When a check fails the version is marked degraded (``registry.mark_degraded``, reason listing the
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError, NotFoundError
-from loft.evaluate.gates import Check, CheckResult, evaluate_gate, load_gate
+from loft.evaluate.gates import Check, CheckResult, load_gate
 from loft.evaluate.run import GENERATION_SCORERS, LOSS_METRICS, evaluate_model
 
 MEASURABLE = (*LOSS_METRICS, *GENERATION_SCORERS)
@@ -47,46 +49,29 @@ def _split_ref(ref: str) -> tuple[str, str]:
     return name, alias
 
 
-def _baseline(name: str, alias: str) -> tuple[int | None, dict[str, float] | None]:
-    """The version the alias pointed at before its latest move, and its recorded metrics."""
+def _previous(name: str, alias: str) -> tuple[int | None, Any]:
+    """The version the alias pointed at before its latest move (and its ModelVersion, None when
+    it is no longer in the registry)."""
     from loft.registry.aliases import previous_version
 
     previous = previous_version(name, alias)
     if previous is None:
         return None, None
     try:
-        mv = _registry().get_version(f"{name}:{previous}", verify=False)
+        return previous, _registry().get_version(f"{name}:{previous}", verify=False)
     except NotFoundError:
         return previous, None
-    return previous, dict(mv.card.get("metrics") or {})
 
 
-def _skip(check: Check, value: float | None, reason: str) -> CheckResult:
-    return CheckResult(check.expr, check.metric, value, None, True, f"skipped: {reason}")
-
-
-def run_checks(
-    checks: list[Check],
-    fresh: dict[str, float],
-    baseline: dict[str, float] | None,
-    baseline_label: str,
-) -> list[CheckResult]:
-    """Absolute checks on ``fresh``; relative ones against ``baseline`` or skipped (see module)."""
-    out: list[CheckResult] = []
-    for check in checks:
-        value = fresh.get(check.metric)
-        if value is None:
-            out.append(_skip(check, None, f"{check.metric!r} was not measured by this run"))
-        elif check.relative and (baseline is None or check.metric not in baseline):
-            why = (
-                "no previous version of the alias to compare with"
-                if baseline is None
-                else f"{baseline_label} has no recorded {check.metric!r}"
-            )
-            out.append(_skip(check, value, why))
-        else:
-            out.extend(evaluate_gate([check], fresh, baseline if check.relative else None).checks)
-    return out
+def skip_reason(check: Check, measured: Sequence[str], previous: int | None, found: bool) -> str:
+    """Why ``check`` is not judged by this watch run ('' when it is)."""
+    if check.metric not in measured:
+        return f"{check.metric!r} was not measured by this run"
+    if check.relative and previous is None:
+        return "no previous version of the alias to compare with"
+    if check.relative and not found:
+        return f"the previous version {previous} is no longer in the registry"
+    return ""
 
 
 def check_alias(
@@ -104,6 +89,8 @@ def check_alias(
     the reason recorded on the version (None when healthy), ``rolled_back_to`` the version the
     alias now points at after a rollback (None when it did not move).
     """
+    from loft.evaluate.promotion import gate_on_entries
+
     name, alias = _split_ref(ref)
     checks = load_gate(gate_path)  # a bad gate fails before any model is loaded
     registry = _registry()
@@ -116,9 +103,19 @@ def check_alias(
             f"{gate_path}: the gate names no metric `loft eval` can measure (it names: {named})",
             hint=f"Gate on one of {', '.join(MEASURABLE)}, or pass metrics explicitly.",
         )
-    report = evaluate_model(label, data, metrics=list(dict.fromkeys(wanted)), progress=progress)
-    previous, baseline = _baseline(name, alias)
-    results = run_checks(checks, report.candidate, baseline, f"{name}:{previous}")
+    wanted = list(dict.fromkeys(wanted))
+    report = evaluate_model(label, data, metrics=wanted, progress=progress, source="watch")
+    current = registry.get_version(label, verify=False)  # now holding the fresh entries
+    previous, before = _previous(name, alias)
+    skips = [skip_reason(c, list(report.candidate), previous, before is not None) for c in checks]
+    judged = [c for c, why in zip(checks, skips, strict=True) if not why]
+    rows = iter(gate_on_entries(judged, current, before, progress=progress, source="watch").checks)
+    results = [
+        CheckResult(c.expr, c.metric, report.candidate.get(c.metric), None, True, f"skipped: {why}")
+        if why
+        else next(rows)
+        for c, why in zip(checks, skips, strict=True)
+    ]
     failed = [c for c in results if not c.passed]
     degraded: str | None = None
     rolled_back_to: int | None = None

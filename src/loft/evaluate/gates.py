@@ -14,6 +14,7 @@ Every bad expression is reported at once, each with its ``FILE:LINE``.
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 import re
@@ -201,14 +202,7 @@ def _evaluate_one(
         return CheckResult(check.expr, check.metric, value, threshold, passed, reason)
 
     if check.metric not in candidate:
-        present = ", ".join(sorted(candidate)) or "none"
-        return row(
-            None,
-            check.threshold(champion),
-            False,
-            f"{check.metric!r} was not measured for the candidate (metrics present: {present}); "
-            f"run `loft eval` with --metrics {check.metric}",
-        )
+        return row(None, check.threshold(champion), False, unmeasured(check.metric, candidate))
     value = float(candidate[check.metric])
     if check.relative and champion is None:
         return row(value, None, True, "no champion yet")
@@ -229,6 +223,39 @@ def _evaluate_one(
         basis += f" {'+' if check.offset >= 0 else '-'} {_fmt(abs(check.offset))})"
     reason = f"{_fmt(value)} {shown_op} {_fmt(threshold)}{basis}"
     return row(value, threshold, passed, reason)
+
+
+# what loft can measure, for did-you-mean and for naming the command that measures a metric
+LOSS_METRICS = ("eval_loss", "perplexity")
+AUDIT_METRICS = ("canary_exposure_mean", "canary_exposure_max", "canaries_memorised")
+
+
+def unmeasured(metric: str, present: Iterable[str]) -> str:
+    """Why a gate metric has no value, and what would give it one (or what was meant)."""
+    from loft.evaluate.scorers import SCORERS
+
+    present = sorted(present)
+    measurable = (*LOSS_METRICS, *SCORERS)
+    known = sorted({*present, *measurable, *AUDIT_METRICS})
+    shown = ", ".join(present) or "none"
+    close = difflib.get_close_matches(metric, [k for k in known if k != metric], n=1, cutoff=0.75)
+    if close and metric not in known:
+        return (
+            f"{metric!r} was not measured for the candidate — did you mean {close[0]!r}? "
+            f"(metrics present: {shown})"
+        )
+    if metric in measurable:
+        how = f"run `loft eval REF --data FILE --metrics {metric}`"
+    elif metric in AUDIT_METRICS:
+        how = "run `loft audit canaries REF`"
+    elif "/" in metric:
+        how = f"run `loft eval REF --data FILE --lm-eval {metric.split('/')[0]}`"
+    else:
+        how = (
+            f"it is none of loft's metrics ({', '.join(measurable)}); a custom scorer's metric "
+            f"comes from `loft eval REF --data FILE --scorer MODULE:{metric}`"
+        )
+    return f"{metric!r} was not measured for the candidate (metrics present: {shown}); {how}"
 
 
 def evaluate_gate(

@@ -86,9 +86,16 @@ def render_prompts(
     ]
 
 
-def _progress(enabled: bool) -> Progress:
+def say(text: str, enabled: bool = True) -> None:
+    """One status line on stderr (what a slow command is doing now), unless disabled."""
+    if enabled:
+        Console(stderr=True, highlight=False).print(text, soft_wrap=True)
+
+
+def progress_bar(label: str, enabled: bool) -> Progress:
+    """A transient bar on stderr for a slow evaluation step (disabled: prints nothing)."""
     return Progress(
-        TextColumn("[bold]generating"),
+        TextColumn(f"[bold]{label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -148,7 +155,7 @@ def generate(
     )
     start = time.perf_counter()
     try:
-        with _progress(progress) as bar, torch.inference_mode(), autocast:
+        with progress_bar("generating", progress) as bar, torch.inference_mode(), autocast:
             task = bar.add_task("generate", total=len(encoded))
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import glob
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import yaml
 
 from loft.core.errors import NotFoundError
-from loft.evaluate.loading import Target, load_target, registry_module
+from loft.evaluate.loading import Target, load_target
 from loft.evaluate.run import compare_rows
 
 LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
@@ -236,21 +237,57 @@ def _flatten_results(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def _quiet_lm_eval(progress: bool) -> Iterator[None]:
+    """lm-eval as a library: no log chatter, its bars only with ``progress``, and none of the
+    run metadata loft discards (a `git describe` that prints `fatal: not a git repository`
+    outside a checkout, and torch's environment report, which shells out to pip)."""
+    import functools
+
+    import lm_eval.evaluator as evaluator
+    import tqdm
+
+    saved = (evaluator.get_git_commit_hash, evaluator.add_env_info, tqdm.tqdm.__init__)
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    evaluator.get_git_commit_hash = lambda: None
+    evaluator.add_env_info = lambda storage: None
+    log.setLevel(logging.ERROR)
+    if not progress:  # lm-eval makes its own bars, some with disable=False spelled out
+
+        @functools.wraps(saved[2])
+        def silent(self: Any, *args: Any, **kwargs: Any) -> None:
+            saved[2](self, *args, **{**kwargs, "disable": True})
+
+        tqdm.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info, tqdm.tqdm.__init__ = saved
+        log.setLevel(level)
+
+
 def _evaluate(
-    target: Target, tasks: Sequence[str], tm: Any, limit: int | None, batch_size: int
+    target: Target,
+    tasks: Sequence[str],
+    tm: Any,
+    limit: int | None,
+    batch_size: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    hflm = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=hflm,
-        tasks=list(tasks),
-        task_manager=tm,
-        limit=limit,
-        bootstrap_iters=0,
-        log_samples=False,
-    )
+    with _quiet_lm_eval(progress):
+        hflm = HFLM(pretrained=target.model, tokenizer=target.tokenizer, batch_size=batch_size)
+        results = lm_eval.simple_evaluate(
+            model=hflm,
+            tasks=list(tasks),
+            task_manager=tm,
+            limit=limit,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
     if not results:
         raise NotFoundError(f"lm-eval returned no results for {', '.join(tasks)}")
     return _flatten_results(results)
@@ -262,12 +299,13 @@ def _run(
     tm: Any,
     limit: int | None,
     batch_size: int,
+    progress: bool = False,
 ) -> tuple[Target, dict[str, float]]:
     if isinstance(target_or_ref, Target):
-        return target_or_ref, _evaluate(target_or_ref, tasks, tm, limit, batch_size)
+        return target_or_ref, _evaluate(target_or_ref, tasks, tm, limit, batch_size, progress)
     target = load_target(target_or_ref)
     try:
-        return target, _evaluate(target, tasks, tm, limit, batch_size)
+        return target, _evaluate(target, tasks, tm, limit, batch_size, progress)
     finally:
         model, target.model = target.model, None
         del model
@@ -281,6 +319,7 @@ def run_lm_eval(
     include_path: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Run lm-eval ``tasks`` on a loaded Target or a MODEL_REF; ``{"task/metric": value}``.
 
@@ -289,18 +328,7 @@ def run_lm_eval(
     with resolved_include(include_path) as include:
         tm = _task_manager(tasks, include)
         _check(tm, tasks)
-        return _run(target_or_ref, tasks, tm, limit, batch_size)[1]
-
-
-def primary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """One number per task for gates (``hellaswag >= champion - 0.01``): acc_norm, else acc."""
-    out: dict[str, float] = {}
-    for preferred in ("acc", "acc_norm"):  # later wins: acc_norm over acc
-        for key, value in metrics.items():
-            task, _, metric = key.rpartition("/")
-            if metric == preferred:
-                out[task] = value
-    return out
+        return _run(target_or_ref, tasks, tm, limit, batch_size, progress)[1]
 
 
 def regression(
@@ -311,23 +339,29 @@ def regression(
     include_path: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """lm-eval ``tasks`` on candidate and baseline: rows {metric, candidate, baseline, delta}.
 
-    A candidate loaded from the registry gets its results recorded on its version (every
-    ``task/metric`` plus ``task`` itself for gates).
+    A candidate loaded from the registry gets its results recorded on its version, one
+    evaluation entry per ``task/metric`` on the basis ``lm-eval <task>, limit``.
     """
     with resolved_include(include_path) as include:
         tm = _task_manager(tasks, include)
         _check(tm, tasks)
-        cand, cand_metrics = _run(candidate_ref, tasks, tm, limit, batch_size)
+        cand, cand_metrics = _run(candidate_ref, tasks, tm, limit, batch_size, progress)
         base_metrics = None
         if baseline_ref is not None:
-            base_metrics = _run(baseline_ref, tasks, tm, limit, batch_size)[1]
-    registry = registry_module()
-    record = getattr(registry, "record_metrics", None) if registry is not None else None
-    if cand.registry_ref and callable(record):
-        record(cand.registry_ref, {**cand_metrics, **primary_metrics(cand_metrics)})
+            base_metrics = _run(baseline_ref, tasks, tm, limit, batch_size, progress)[1]
+    if cand.registry_ref:
+        from loft import registry
+        from loft.registry.evaluations import make_entries
+
+        def on(metric: str) -> dict[str, Any]:
+            return {"kind": "lm-eval", "task": metric.rpartition("/")[0], "limit": limit}
+
+        entries = make_entries(cand_metrics, on=None, source="lm-eval", on_for=on)
+        registry.record_evaluation(cand.registry_ref, entries)
     return compare_rows(cand_metrics, base_metrics)
 
 
@@ -341,7 +375,6 @@ __all__ = [
     "check_tasks_available",
     "default_include",
     "parse_tasks",
-    "primary_metrics",
     "regression",
     "resolved_include",
     "run_lm_eval",

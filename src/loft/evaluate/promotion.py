@@ -1,18 +1,37 @@
-"""Gated promotion: move an alias only when the candidate's recorded metrics pass the gate.
+"""Gated promotion: move an alias only when the candidate passes the gate on like-for-like numbers.
 
 The gate comes from a file (``gate:`` list) or, when none is given, from the candidate's own
-training config (``gate:`` key). Relative checks compare with the version the alias points at now;
-with no such version yet they pass. ``force`` moves the alias anyway and is recorded as forced.
+training config (``gate:`` key). Numbers come from the versions' evaluation entries (see
+:mod:`loft.registry.evaluations`):
+
+- an absolute check (``json_exact_match >= 0.8``) reads the candidate's newest value of the metric
+  and says what it was measured on;
+- a relative check (``eval_loss <= champion + 0.02``) takes the candidate's newest value of the
+  metric and needs the version the alias points at now measured on the same basis (same records,
+  same settings). When the champion has no such entry and the candidate's was scored on a file
+  that is still there unchanged, the champion is evaluated on it now (and the entry recorded);
+  otherwise the check fails and says why. With no champion yet, relative checks pass.
+
+``force`` moves the alias anyway and is recorded as forced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loft.core.errors import GateRefused
-from loft.evaluate.gates import Check, GateResult, evaluate_gate, load_gate, parse_gate
+from loft.core.errors import ConfigError, GateRefused, LoftError, NotFoundError
+from loft.evaluate.gates import (
+    Check,
+    CheckResult,
+    GateResult,
+    evaluate_gate,
+    load_gate,
+    parse_gate,
+)
+from loft.registry.evaluations import describe
 
 
 @dataclass
@@ -55,23 +74,36 @@ def promote(
     gate_path: str | Path | None = None,
     force: bool = False,
     reason: str = "",
+    progress: bool = False,
 ) -> Promotion:
-    """Run the gate on ``ref``'s recorded metrics; move ``to`` when it passes (or ``force``).
+    """Run the gate on ``ref`` against the version holding ``to``; move ``to`` when it passes
+    (or ``force``).
 
     Raises GateRefused (exit code 3) when the gate fails and ``force`` is not set; the refusal
-    carries the result so callers can print every check.
+    carries the result so callers can print every check. A bare NAME (no version) or a version
+    that already holds the alias is refused (ConfigError): that move would change nothing.
     """
     from loft.registry import get_version, move_alias, parse_ref
 
-    name, _, _ = parse_ref(ref)
+    name, alias, version = parse_ref(ref)
+    if alias is None and version is None:
+        raise ConfigError(
+            f"{ref!r} names no version; promote moves @{to} to one specific version.",
+            hint=f"Name it: `loft registry promote {name}:VERSION` (versions: "
+            f"`loft registry show {name}`).",
+        )
     mv = get_version(ref, verify=True)  # a tampered candidate is never promoted
     checks, source = _checks_for(mv, gate_path)
     try:
         current = get_version(f"{name}@{to}", verify=False)
-    except Exception:  # no version holds the alias yet
+    except NotFoundError:  # no version holds the alias yet
         current = None
-    champion = dict(current.card.get("metrics") or {}) if current is not None else None
-    result = evaluate_gate(checks, dict(mv.card.get("metrics") or {}), champion)
+    if current is not None and current.version == mv.version:
+        raise ConfigError(
+            f"{name}:{mv.version} already holds @{to}; there is nothing to promote.",
+            hint=f"See the history with `loft registry history {name}`.",
+        )
+    result = gate_on_entries(checks, mv, current, progress=progress)
     previous = current.version if current is not None else None
     promo = Promotion(name, to, mv.version, previous, False, False, result, source)
     if not result.passed and not force:
@@ -87,3 +119,139 @@ def promote(
     )
     promo.moved, promo.forced = True, not result.passed
     return promo
+
+
+# ----------------------------------------------------------------------------- like with like
+
+
+def _label(mv: Any) -> str:
+    return f"{mv.name}:{mv.version}"
+
+
+def reproducible(on: Mapping[str, Any]) -> str | None:
+    """Why a held-out measurement cannot be repeated now (None when it can): its file must
+    still hold the same records."""
+    from loft.evaluate.run import read_eval_records
+    from loft.registry.evaluations import records_fingerprint
+
+    if on.get("kind") != "data":
+        return f"it was measured on the {describe(on)}, which only training produces"
+    path = Path(str(on.get("path")))
+    if not path.is_file():
+        return f"{path} is gone"
+    try:
+        records = read_eval_records(path, int(on["records"]))
+    except LoftError as e:
+        return f"{path} no longer reads ({e.message})"
+    if len(records) != on["records"] or records_fingerprint(records) != on["fingerprint"]:
+        return f"{path} has changed since"
+    return None
+
+
+def measure_missing(
+    candidate: list[Mapping[str, Any]],
+    other: Any,
+    metrics: list[str],
+    *,
+    source: str,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Evaluate ``other`` (a registry version) on the data of the candidate's newest entry of
+    each metric it has no comparable entry for; returns {metric: why not} for what it could not
+    measure. Metrics scored on the same records share one evaluation (one model load)."""
+    from loft.evaluate.run import evaluate_model
+    from loft.registry.evaluations import comparable, entries_of, latest
+
+    have = entries_of(other.card)
+    groups: dict[tuple[str, str, int], tuple[dict[str, Any], list[str]]] = {}
+    why_not: dict[str, str] = {}
+    for metric in dict.fromkeys(metrics):
+        newest = latest(candidate, metric)
+        if newest is None or comparable([newest], have, metric) is not None:
+            continue
+        on = dict(newest["on"])
+        why = reproducible(on)
+        if why is not None:
+            why_not[metric] = why
+            continue
+        key = (str(on["path"]), str(on["fingerprint"]), int(on["records"]))
+        group = groups.setdefault(key, (on, []))
+        group[1].append(metric)
+        tokens = (on.get("settings") or {}).get("max_new_tokens")
+        if tokens is not None:
+            group[0].setdefault("settings", {})["max_new_tokens"] = tokens
+    for (path, _fp, n), (on, wanted) in groups.items():
+        tokens = (on.get("settings") or {}).get("max_new_tokens") or 64
+        evaluate_model(
+            _label(other), path, metrics=wanted, n=n, max_new_tokens=tokens,
+            progress=progress, source=source,
+        )  # fmt: skip
+    return why_not
+
+
+def gate_on_entries(
+    checks: list[Check],
+    candidate: Any,
+    champion: Any | None,
+    *,
+    progress: bool = False,
+    source: str = "gate",
+) -> GateResult:
+    """Every check on evaluation entries (see the module docstring); champion measurements this
+    needs are recorded with ``source``."""
+    from loft.registry import get_version
+    from loft.registry.evaluations import comparable, entries_of, latest
+
+    cand = entries_of(candidate.card)
+    champ: list[Mapping[str, Any]] | None = None
+    why_not: dict[str, str] = {}
+    if champion is not None:
+        relative = [c.metric for c in checks if c.relative and latest(cand, c.metric)]
+        why_not = measure_missing(cand, champion, relative, source=source, progress=progress)
+        champ = entries_of(get_version(_label(champion), verify=False).card)
+    rows: list[CheckResult] = []
+    for check in checks:
+        newest = latest(cand, check.metric)
+        if newest is None or not check.relative or champ is None:
+            values = {check.metric: newest["value"]} if newest is not None else {}
+            (row,) = evaluate_gate([check], values, None).checks
+            rows.append(_on(row, newest))
+            continue
+        pair = comparable([newest], champ, check.metric)
+        if pair is None:
+            rows.append(_not_comparable(check, newest, champ, champion, why_not))
+            continue
+        mine, theirs = pair
+        (row,) = evaluate_gate(
+            [check], {check.metric: mine["value"]}, {check.metric: theirs["value"]}
+        ).checks
+        rows.append(_on(row, mine))
+    return GateResult(rows)
+
+
+def _on(row: CheckResult, entry: Mapping[str, Any] | None) -> CheckResult:
+    if entry is None:
+        return row
+    return replace(row, reason=f"{row.reason} on {describe(entry['on'])}")
+
+
+def _not_comparable(
+    check: Check,
+    newest: Mapping[str, Any],
+    champ: list[Mapping[str, Any]],
+    champion: Any,
+    why_not: dict[str, str],
+) -> CheckResult:
+    theirs = [describe(e["on"]) for e in champ if e["metric"] == check.metric]
+    has = f"only on {'; '.join(dict.fromkeys(theirs))}" if theirs else "no measurement"
+    reason = (
+        f"not comparable: the candidate's {check.metric} was measured on "
+        f"{describe(newest['on'])}; {_label(champion)} has {has}"
+    )
+    if check.metric in why_not:
+        reason += f", and it cannot be measured there now: {why_not[check.metric]}"
+    reason += (
+        f". Evaluate both on the same file: `loft eval {_label(champion)} --data FILE "
+        f"--metrics {check.metric}` and the same for the candidate"
+    )
+    return CheckResult(check.expr, check.metric, float(newest["value"]), None, False, reason)

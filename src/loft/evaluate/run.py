@@ -19,7 +19,7 @@ from typing import Any
 
 from loft.core.errors import ConfigError, DataError
 from loft.core.specs import TrackingSpec
-from loft.evaluate.loading import Target, load_target, registry_module
+from loft.evaluate.loading import Target, load_target
 from loft.evaluate.scorers import SCORERS
 
 Scorer = Callable[[str, str], float]
@@ -143,6 +143,9 @@ def _measure(
 
 
 def _load_and_measure(ref: str, records, loss, gen, gen_kwargs) -> tuple[Target, dict, list]:
+    from loft.evaluate.harness import say
+
+    say(f"loading {ref} to score {len(records)} records", gen_kwargs.get("progress", False))
     target = load_target(ref)
     try:
         metrics, samples = _measure(target, records, loss, gen, gen_kwargs)
@@ -201,8 +204,13 @@ def evaluate_model(
     n: int | None = None,
     progress: bool = True,
     tracking: TrackingSpec | None = None,
+    source: str = "eval",
 ) -> EvalReport:
-    """Evaluate ``ref`` (and ``baseline``) on ``data_path``; log to MLflow; return the report."""
+    """Evaluate ``ref`` (and ``baseline``) on ``data_path``; log to MLflow; return the report.
+
+    For a registry reference every metric is recorded on the version as an evaluation entry
+    naming exactly what was scored (the records' fingerprint, their count, ``max_new_tokens``
+    for generation metrics), so gates compare it only with numbers measured the same way."""
     loss, gen = _plan(metrics, scorer)  # bad metric names fail before any model is loaded
     records = read_eval_records(data_path, n)
     gen_kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
@@ -222,8 +230,18 @@ def evaluate_model(
         samples=samples,
     )
     report.mlflow_run_id = _log(report, cand, base, tracking or TrackingSpec(experiment="eval"))
-    registry = registry_module()
-    record = getattr(registry, "record_metrics", None) if registry is not None else None
-    if cand.registry_ref and callable(record):
-        record(cand.registry_ref, cand_metrics)
+    if cand.registry_ref:
+        from loft import registry
+        from loft.registry.evaluations import make_entries, on_data, records_fingerprint
+
+        path, fp = str(Path(data_path).resolve()), records_fingerprint(records)
+        settings = {"max_new_tokens": max_new_tokens}
+        entries = make_entries(
+            cand_metrics,
+            on=None,
+            source=source,
+            mlflow_run_id=report.mlflow_run_id,
+            on_for=lambda m: on_data(path, fp, len(records), m, settings),
+        )
+        registry.record_evaluation(cand.registry_ref, entries)
     return report

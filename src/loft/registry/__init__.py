@@ -8,17 +8,20 @@ from loft.registry.aliases import history, move_alias, rollback
 from loft.registry.names import parse_ref
 from loft.registry.store import (
     ModelVersion,
+    delete_version,
     diff,
     get_version,
     list_models,
     mark_degraded,
-    record_metrics,
+    record_evaluation,
     register,
     verify,
+    versions_built_on,
 )
 
 __all__ = [
     "ModelVersion",
+    "delete_version",
     "diff",
     "get_version",
     "history",
@@ -26,8 +29,9 @@ __all__ = [
     "mark_degraded",
     "move_alias",
     "parse_ref",
-    "record_metrics",
+    "record_evaluation",
     "register",
     "rollback",
     "verify",
+    "versions_built_on",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 
 from loft.core.errors import IntegrityError, NotFoundError
 from loft.registry.names import check_alias, check_name, model_dir
-from loft.registry.store import _aliases, _lock, client, get_version
+from loft.registry.store import MlflowReader, _aliases, _lock, client, get_version, reader
 
 HISTORY = "history.jsonl"
 
@@ -28,7 +28,8 @@ def _who(actor: str | None) -> str:
         return "unknown"
 
 
-def _append(name: str, entry: dict[str, Any]) -> None:
+def append_history(name: str, entry: dict[str, Any]) -> None:
+    """Append one event (an alias move, a deletion) to the model's history.jsonl, fsynced."""
     path = model_dir(name) / HISTORY
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry, sort_keys=True, default=str) + "\n"
@@ -55,7 +56,7 @@ def move_alias(
     target = get_version(f"{name}:{version}", verify=False)
     c = client()
     with _lock(name):
-        previous = _aliases(c, name).get(alias)
+        previous = _aliases(MlflowReader(c), name).get(alias)
         c.set_registered_model_alias(name, alias, str(target.version))
         entry = {
             "who": _who(actor),
@@ -68,14 +69,14 @@ def move_alias(
             "forced": forced,
             "rollback": rollback,
         }
-        _append(name, entry)
+        append_history(name, entry)
     return entry
 
 
 def history(name: str) -> list[dict[str, Any]]:
     """Every recorded alias move of model ``name``, oldest first."""
     check_name(name)
-    _aliases(client(), name)  # NotFoundError when the model is not registered
+    _aliases(reader(), name)  # NotFoundError when the model is not registered
     path = model_dir(name) / HISTORY
     if not path.is_file():
         return []

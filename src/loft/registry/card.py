@@ -24,10 +24,12 @@ from loft.models.manifest import (
     MANIFEST,
     PICKLE_SUFFIXES,
     WEIGHT_SUFFIX,
+    combined_digest,
     list_files,
     sha256_file,
     weight_files,
 )
+from loft.registry import evaluations as evals
 
 CARD = "card.json"
 CARD_FORMAT = 1
@@ -184,7 +186,7 @@ def build_card(
     name: str,
     version: int,
     parent: dict[str, Any] | None,
-    metrics: dict[str, float],
+    evaluations: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The lineage card for the files already copied into ``root``."""
     from loft.tracking import system_tags  # tracking is a sibling layer; train is above us
@@ -215,23 +217,50 @@ def build_card(
             "loft_version": __version__,
             "git_commit": system_tags().get("mlflow.source.git.commit"),
         },
-        "metrics": metrics,
+        "metrics": evals.latest_values(evaluations),
+        "evaluations": evaluations,
         "files": file_records(root),
         "degraded": None,
     }
 
 
-def source_metrics(src: Source) -> dict[str, float]:
-    """Numeric metrics the run recorded (lineage first, then its summary's losses)."""
-    out: dict[str, float] = {}
-    for key in ("final_train_loss", "eval_loss"):
-        value = src.summary.get(key)
+def source_entries(src: Source) -> list[dict[str, Any]]:
+    """Evaluation entries for the numbers a training run recorded: its eval loss on the eval
+    split of its prepared dataset (comparable across runs of that dataset), its final train
+    loss (a property of that run alone) and any metrics in its lineage."""
+    metrics: dict[str, float] = {}
+    for key, value in [
+        *((k, src.summary.get(k)) for k in ("final_train_loss", "eval_loss")),
+        *(src.lineage.get("metrics") or {}).items(),
+    ]:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
-    for key, value in (src.lineage.get("metrics") or {}).items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[str(key)] = float(value)
-    return out
+            metrics[str(key)] = float(value)
+    fingerprint = src.lineage.get("dataset_fingerprint") or src.summary.get("dataset_fingerprint")
+    report = data_report(fingerprint) or {}
+    split = (
+        {"kind": "train-eval-split", "fingerprint": fingerprint, "records": report["eval_records"]}
+        if fingerprint and report.get("eval_records")
+        else None
+    )
+    run = {"kind": "run", "run_id": src.summary.get("run_id")}
+    return evals.make_entries(
+        metrics,
+        on=run,
+        source="train",
+        mlflow_run_id=src.summary.get("mlflow_run_id"),
+        on_for=lambda m: split if m == "eval_loss" and split else run,
+    )
+
+
+def weights_digest(card: dict[str, Any]) -> str:
+    """The fingerprint a server names for this version (``X-Loft-Adapter-Sha256``): sha256 over
+    the sorted lines ``<path>:<sha256>\\n`` of its *.safetensors files, as listed on the card."""
+    files = {
+        f["path"]: f["sha256"]
+        for f in card.get("files") or []
+        if str(f.get("path", "")).endswith(WEIGHT_SUFFIX)
+    }
+    return combined_digest(files)
 
 
 def verify_files(root: Path, card: dict[str, Any], *, ref: str) -> None:

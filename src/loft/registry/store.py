@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.core.paths import atomic_dir, atomic_write_json, file_lock
 from loft.registry import card as cards
+from loft.registry import evaluations as evals
 from loft.registry.names import check_name, model_dir, parse_ref, sanitise_name, version_dir
+from loft.registry.reader import MlflowReader, RegistryReader, fast_reader
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -46,6 +47,8 @@ class ModelVersion:
             "created": self.card.get("created"),
             "lineage": _flat_lineage(self.card.get("lineage") or {}),
             "metrics": dict(self.card.get("metrics") or {}),
+            "evaluations": evals.entries_of(self.card),
+            "weights_digest": cards.weights_digest(self.card),
             "files": [
                 {"path": f["path"], "sha256": f["sha256"], "bytes": f["bytes"]} for f in files
             ],
@@ -81,34 +84,35 @@ def client() -> MlflowClient:
     return mlflow_client(resolve_tracking_uri(None))
 
 
-@contextlib.contextmanager
-def _mlflow_missing(what: str, hint: str) -> Iterator[None]:
-    """Turn MLflow's RESOURCE_DOES_NOT_EXIST into a NotFoundError a user can act on."""
-    from mlflow.exceptions import MlflowException
+def reader() -> RegistryReader:
+    """Names, versions and aliases: read straight from a SQLite store when there is one (no
+    MLflow start-up), else through MLflow's client (see :mod:`loft.registry.reader`)."""
+    from loft.tracking import resolve_tracking_uri
 
-    try:
-        yield
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            raise NotFoundError(f"{what} is not in the model registry.", hint=hint) from None
-        raise
+    fast = fast_reader(resolve_tracking_uri(None))
+    return fast if fast is not None else MlflowReader(client())
 
 
-def _aliases(c: MlflowClient, name: str) -> dict[str, int]:
-    with _mlflow_missing(f"model {name!r}", "See registered models with `loft registry list`."):
-        rm = c.get_registered_model(name)
-    return {alias: int(v) for alias, v in (rm.aliases or {}).items()}
+def _aliases(r: RegistryReader, name: str) -> dict[str, int]:
+    aliases = r.aliases(name)
+    if aliases is None:
+        raise NotFoundError(
+            f"model {name!r} is not in the model registry.",
+            hint="See registered models with `loft registry list`.",
+        )
+    return aliases
 
 
-def _versions(c: MlflowClient, name: str) -> list[int]:
-    out: list[int] = []
-    token: str | None = None
-    while True:
-        page = c.search_model_versions(f"name = '{name}'", max_results=1000, page_token=token)
-        out += [int(mv.version) for mv in page]
-        token = page.token
-        if not token:
-            return sorted(out)
+def next_version(r: RegistryReader, name: str) -> int:
+    """One past every live version and every deleted one (a deleted version keeps its folder
+    with a tombstone, so its number is never reused; a folder left by a crash before MLflow
+    recorded the version is an orphan and is written over)."""
+    deleted = [
+        int(p.parent.name)
+        for p in model_dir(name).glob(f"*/{TOMBSTONE}")
+        if p.parent.name.isdigit()
+    ]
+    return max([0, *r.versions(name), *deleted]) + 1
 
 
 def _lock(name: str) -> contextlib.AbstractContextManager[None]:
@@ -137,7 +141,10 @@ def register(
     if parent:
         pv = get_version(parent, verify=False)
         parent_ref = {"name": pv.name, "version": pv.version}
-    merged = {**cards.source_metrics(src), **_check_metrics(metrics or {})}
+    entries = [
+        *cards.source_entries(src),
+        *evals.make_entries(_check_metrics(metrics or {}), on=None, source="declared"),
+    ]
     c = client()
     with _lock(name):
         try:
@@ -145,14 +152,13 @@ def register(
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        existing = _versions(c, name)
-        version = (existing[-1] if existing else 0) + 1
+        version = next_version(MlflowReader(c), name)
         final = version_dir(name, version)
         # a folder left by a crash between copying and creating the MLflow version is an orphan
         with atomic_dir(final, overwrite=True) as tmp:
             cards.copy_files(src, tmp)
             card = cards.build_card(
-                src, tmp, name=name, version=version, parent=parent_ref, metrics=merged
+                src, tmp, name=name, version=version, parent=parent_ref, evaluations=entries
             )
             atomic_write_json(tmp / cards.CARD, card)  # last: the completion marker
         try:
@@ -215,31 +221,26 @@ def _version_tags(card: dict[str, Any], path: Path) -> dict[str, str]:
 
 def list_models() -> list[dict[str, Any]]:
     """Each registered model: name, latest version, aliases {alias: version}, n_versions."""
-    c = client()
+    r = reader()
     out: list[dict[str, Any]] = []
-    token: str | None = None
-    while True:
-        page = c.search_registered_models(max_results=1000, page_token=token)
-        for rm in page:
-            versions = _versions(c, rm.name)
-            out.append(
-                {
-                    "name": rm.name,
-                    "latest": versions[-1] if versions else None,
-                    "aliases": {a: int(v) for a, v in sorted((rm.aliases or {}).items())},
-                    "n_versions": len(versions),
-                }
-            )
-        token = page.token
-        if not token:
-            return sorted(out, key=lambda r: r["name"])
+    for name in r.names():
+        versions = r.versions(name)
+        out.append(
+            {
+                "name": name,
+                "latest": versions[-1] if versions else None,
+                "aliases": dict(sorted(_aliases(r, name).items())),
+                "n_versions": len(versions),
+            }
+        )
+    return out
 
 
 def resolve(ref: str) -> tuple[str, int, dict[str, int]]:
     """(name, version, aliases of the model) for a reference; NotFoundError when absent."""
     name, alias, version = parse_ref(ref)
-    c = client()
-    aliases = _aliases(c, name)
+    r = reader()
+    aliases = _aliases(r, name)
     if alias is not None:
         if alias not in aliases:
             known = ", ".join(f"{a}→{v}" for a, v in sorted(aliases.items())) or "none"
@@ -248,17 +249,18 @@ def resolve(ref: str) -> tuple[str, int, dict[str, int]]:
                 hint=f"Set one with `loft registry alias {name}:VERSION --to {alias}`.",
             )
         return name, aliases[alias], aliases
+    versions = r.versions(name)
     if version is None:
         if "champion" in aliases:
             return name, aliases["champion"], aliases
-        versions = _versions(c, name)
         if not versions:
             raise NotFoundError(f"model {name!r} has no versions.", hint="Register one first.")
         return name, versions[-1], aliases
-    with _mlflow_missing(
-        f"version {version} of {name!r}", f"See its versions with `loft registry show {name}`."
-    ):
-        c.get_model_version(name, str(version))
+    if version not in versions:
+        raise NotFoundError(
+            f"version {version} of {name!r} is not in the model registry.",
+            hint=f"See its versions with `loft registry show {name}`.",
+        )
     return name, version, aliases
 
 
@@ -338,12 +340,18 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _update_card(ref: str, change: dict[str, Any], tags: dict[str, str]) -> ModelVersion:
+    """Apply ``change`` to the card under the model's lock; ``evaluations`` entries are appended
+    (and ``metrics``, their newest value per metric, follows)."""
     name, version, _ = resolve(ref)
     with _lock(name):
         mv = get_version(f"{name}:{version}", verify=False)
         card = {**mv.card}
         for key, value in change.items():
-            card[key] = {**(card.get(key) or {}), **value} if key == "metrics" else value
+            if key == "evaluations":
+                card[key] = [*evals.entries_of(card), *value]
+                card["metrics"] = evals.latest_values(card[key])
+            else:
+                card[key] = value
         atomic_write_json(mv.path / cards.CARD, card)
         mv.card = card
     c = client()
@@ -352,12 +360,77 @@ def _update_card(ref: str, change: dict[str, Any], tags: dict[str, str]) -> Mode
     return mv
 
 
-def record_metrics(ref: str, metrics: dict[str, float], *, source: str = "eval") -> ModelVersion:
-    """Merge ``metrics`` into the version's card and set them as MLflow model-version tags."""
-    clean = _check_metrics(metrics)
-    tags = {f"{METRIC_TAG}{k}": repr(v) for k, v in clean.items()}
-    tags["loft.metrics_source"] = source
-    return _update_card(ref, {"metrics": clean}, tags)
+TOMBSTONE = "DELETED.json"
+
+
+def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> dict[str, Any]:
+    """Delete ``NAME:VERSION``: refused while an alias points at it. MLflow forgets the version
+    first (from then on nothing resolves it); its folder keeps only ``DELETED.json`` (who, when,
+    why, its digest), so the number is never reused and the history stays readable."""
+    import getpass
+    from datetime import UTC, datetime
+
+    name, alias, version = parse_ref(ref)
+    if version is None:
+        raise ConfigError(
+            f"{ref!r} names no version; delete takes NAME:VERSION.",
+            hint=f"See the versions with `loft registry show {name}`.",
+        )
+    name, version, aliases = resolve(f"{name}:{version}")
+    holding = sorted(a for a, v in aliases.items() if v == version)
+    if holding:
+        raise ConfigError(
+            f"{name}:{version} is what {', '.join('@' + a for a in holding)} points at; deleting "
+            "it would break every request for that alias.",
+            hint=f"Move the alias first (`loft registry rollback {name}`, or `loft registry "
+            f"alias {name}:OTHER --to {holding[0]}`), then delete.",
+        )
+    mv = get_version(f"{name}:{version}", verify=False)
+    try:
+        who = actor or getpass.getuser()
+    except (KeyError, OSError):
+        who = "unknown"
+    entry = {
+        "who": who,
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "deleted": version,
+        "why": reason,
+        "weights_digest": cards.weights_digest(mv.card),
+    }
+    with _lock(name):
+        client().delete_model_version(name, str(version))
+        atomic_write_json(mv.path / TOMBSTONE, entry)
+        for p in mv.path.iterdir():
+            if p.name != TOMBSTONE:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        from loft.registry.aliases import append_history
+
+        append_history(name, entry)
+    return entry
+
+
+def versions_built_on(base_model: str) -> list[str]:
+    """``name:version`` of every registered version whose lineage names ``base_model``."""
+    r = reader()
+    out = []
+    for name in r.names():
+        for version in r.versions(name):
+            card = cards.read_card(version_dir(name, version), ref=f"{name}:{version}")
+            base = ((card.get("lineage") or {}).get("base_model") or {}).get("name")
+            if base == base_model:
+                out.append(f"{name}:{version}")
+    return out
+
+
+def record_evaluation(ref: str, entries: list[dict[str, Any]]) -> ModelVersion:
+    """Append evaluation entries (see :mod:`loft.registry.evaluations`) to the version's card;
+    each metric's newest value also becomes the MLflow model-version tag ``loft.metric.<m>``."""
+    entries = [{**e, "value": _check_metrics({e["metric"]: e["value"]})[e["metric"]]}
+               for e in entries]  # fmt: skip
+    tags = {f"{METRIC_TAG}{e['metric']}": repr(e["value"]) for e in entries}
+    if entries:
+        tags["loft.metrics_source"] = str(entries[-1]["source"])
+    return _update_card(ref, {"evaluations": entries}, tags)
 
 
 def mark_degraded(ref: str, reason: str) -> None:
