@@ -10,6 +10,10 @@ Each figure is printed beside the stock path measured in the same run (machines 
   re-verified by sha256), against hashing the same files alone and against `verify=False`.
 - `MlflowTracker.log_metrics` per training step (3 metrics, buffered, written in batches) against
   MLflow's own `MlflowClient.log_metric` per value on the same kind of SQLite store.
+- `loft registry list` and `show` (names, versions, aliases read straight from the SQLite store)
+  against the same listing through MLflow's client in a fresh process.
+- `loft data prepare` of an already prepared file (found from the files alone) against loading
+  the tokenizer, which the cache check needed before.
 
 The tests check the behaviour behind these numbers (no heavy import at --help, no reconversion,
 batched writes); the timings live here.
@@ -18,6 +22,7 @@ batched writes); the timings live here.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -25,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _median_s(fn: Callable[[], object], runs: int) -> float:
@@ -95,6 +101,39 @@ def metric_logging(steps: int) -> None:
     )
 
 
+def small_reads(runs: int) -> None:
+    from loft import registry
+    from loft.models.tiny import make_tiny_model
+
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LOFT_HOME"] = tmp
+        tiny = make_tiny_model(Path(tmp) / "tiny", seed=0)
+        for _ in range(3):
+            registry.register(tiny, name="bench-model")
+        listing = _median_s(_process(py, "-m", "loft.cli.main", "registry", "list"), runs)
+        show = _median_s(
+            _process(py, "-m", "loft.cli.main", "registry", "show", "bench-model:2"), runs
+        )
+        stock_code = (
+            "from loft.registry.reader import MlflowReader; from loft.registry.store import "
+            "client; r = MlflowReader(client()); [r.versions(n) for n in r.names()]"
+        )
+        stock = _median_s(_process(py, "-c", stock_code), runs)
+        data = Path(tmp) / "chat.jsonl"
+        msgs = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]
+        data.write_text("".join(json.dumps({"messages": msgs}) + "\n" for _ in range(20)))
+        prepare = _process(py, "-m", "loft.cli.main", "data", "prepare", str(data))
+        prepare()  # the first one tokenizes; the timed ones find it prepared
+        hit = _median_s(prepare, runs)
+        tok_code = "from loft.models import builtin_tokenizer; builtin_tokenizer()"
+        tokenizer = _median_s(_process(py, "-c", tok_code), runs)
+    print(f"loft registry list     {listing * 1e3:8.0f} ms, show {show * 1e3:.0f} ms")
+    print(f"  via MLflow's client  {stock * 1e3:8.0f} ms  -> {stock / listing:.1f}x slower")
+    print(f"loft data prepare (hit) {hit * 1e3:7.0f} ms")
+    print(f"  loading the tokenizer {tokenizer * 1e3:6.0f} ms (what a hit cost before)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="repetitions per timed command")
@@ -104,6 +143,7 @@ def main() -> None:
     cli_startup(args.runs)
     model_resolve(args.runs)
     metric_logging(args.steps)
+    small_reads(args.runs)
 
 
 if __name__ == "__main__":

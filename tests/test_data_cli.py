@@ -148,3 +148,45 @@ def test_format_pii_redact_and_skip_invalid_flags_end_to_end(loft_home: Path, tm
     texts = [tok.decode(r["input_ids"]) for split in (ds.train, ds.eval) if split for r in split]
     assert len(texts) == 6
     assert all("[EMAIL]" in t and "@example.org" not in t and "Ticket" in t for t in texts)
+
+
+_PREPARE_AGAIN = """
+import json, sys
+from loft.cli.main import main
+main(["data", "prepare", sys.argv[1], "--model", sys.argv[2], "--json"])
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})))
+"""
+
+
+@pytest.mark.integration
+def test_a_cache_hit_is_found_without_loading_the_tokenizer(
+    loft_home: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The second prepare of the same file and tokenizer reports the cached dataset without
+    importing transformers or torch (seconds); a changed tokenizer file is a miss, not a stale
+    hit. The timing is in bench/overheads.py."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(6)]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    first = run_loft("data", "prepare", str(p), "--model", str(model), "--json", home=loft_home)
+    assert first.returncode == 0, first.stderr
+    fp = json.loads(first.stdout)["fingerprint"]
+
+    env = {**os.environ, "LOFT_HOME": str(loft_home)}
+    again = subprocess.run([sys.executable, "-c", _PREPARE_AGAIN, str(p), str(model)],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    *report, modules = again.stdout.strip().splitlines()
+    shown = json.loads("\n".join(report))
+    assert shown["cached"] is True and shown["fingerprint"] == fp
+    assert json.loads(modules) == []
+
+    template = model / "chat_template.jinja"  # a changed template tokenizes differently
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    changed = run_loft("data", "prepare", str(p), "--model", str(model), "--json", home=loft_home)
+    assert changed.returncode == 0, changed.stderr
+    after = json.loads(changed.stdout)
+    assert after["cached"] is False and after["fingerprint"] != fp

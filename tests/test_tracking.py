@@ -535,3 +535,15 @@ def test_loft_ui_serves_the_store(store: str, loft_home: Path) -> None:
         kill_pids(tree + ([proc.pid] if proc.poll() is None else []))  # what this test started
     out = log.read_text()
     assert f"http://127.0.0.1:{port}/" in out
+
+
+@pytest.mark.integration
+def test_piped_tables_keep_whole_cells(loft_home: Path) -> None:
+    """Piped into grep or a file, `loft runs list` prints every cell whole (no 80-column cut)."""
+    from helpers import run_loft
+
+    base = "/models/" + "a-very-long-directory-name/" * 6 + "base-model"
+    _write_run(loft_home, "run-with-a-long-base", mtime=time.time(), summary={"base_model": base})
+    out = run_loft("runs", "list", env={"COLUMNS": ""})
+    assert out.returncode == 0, out.stderr
+    assert base in out.stdout and "…" not in out.stdout

@@ -355,6 +355,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, loft_home, uninte
 
     res = run_loft("train", str(cfg_path), "-q", "--resume")
     assert res.returncode == 0, res.stderr
+    said = f"at step {_step(at_stop[-1])}/{RESUME_STEPS} from checkpoint {at_stop[-1].name}"
+    assert said in res.stderr  # -q hides progress, not where it resumed
     summary = json.loads((run_dir / "run_summary.json").read_text())
     resumed = summary["sessions"][-1]
     assert len(summary["sessions"]) == 2 and summary["status"] == "completed"
@@ -547,10 +549,23 @@ def test_auto_precision_and_checkpointing_are_what_the_loop_runs(tmp_path, tiny_
         res = sft.train(validate_config(cfg), progress=False)
     (model,) = built
     assert seen and set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
-    assert model.is_gradient_checkpointing == checkpointing
+    assert model.is_activation_checkpointing == checkpointing
     precision = "bf16 autocast" if native_bf16 else "fp32"
     checkpoints = "on" if checkpointing else "off"
     assert res.summary["placement"].endswith(f"{precision}, gradient checkpointing {checkpoints}")
+
+
+@pytest.mark.unit
+def test_quiet_train_still_names_the_version_it_became(tmp_path, tiny_model, loft_home, capsys):
+    from helpers import run_cli
+
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=1)
+    cfg["register"] = {"name": "quiet-bot"}
+    assert run_cli("train", str(_write_yaml(tmp_path / "q.yaml", cfg)), "-q") == 0
+    out = capsys.readouterr()
+    assert "registered as quiet-bot:1" in out.err
+    assert "step 1/1" not in out.err  # -q: no progress
+    assert "train loss" in out.out
 
 
 @pytest.mark.unit
@@ -562,6 +577,12 @@ def test_finished_run_registers_itself_unless_disabled(tmp_path, tiny_model, lof
     cfg["register"] = {"name": "tiny-chat"}
     s = train(validate_config(cfg), progress=False).summary
     assert s["registered"] == "tiny-chat:1"
+    from typer.testing import CliRunner
+
+    from loft.cli.main import app
+
+    shown = CliRunner().invoke(app, ["runs", "show", s["run_dir"]])
+    assert "registered           tiny-chat:1" in shown.output, shown.output
     mv = get_version("tiny-chat:1")
     assert mv.to_dict()["lineage"]["dataset_fingerprint"] == s["dataset_fingerprint"]
 

@@ -34,6 +34,16 @@ def _column_map(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _tokenizer_dir(ref: str) -> Path:
+    """The folder ``ref``'s tokenizer is loaded from (nothing is loaded or hashed)."""
+    from loft.models import BUILTIN_NAME, resolve_model
+    from loft.models.builtin import builtin_tokenizer_dir
+
+    if ref == BUILTIN_NAME:
+        return builtin_tokenizer_dir()
+    return resolve_model(ref, verify=False).path
+
+
 def _load_tokenizer(ref: str) -> Any:
     from loft.models import BUILTIN_NAME, builtin_tokenizer, load_tokenizer, resolve_model
 
@@ -108,12 +118,29 @@ def prepare(
         spec = DataSpec.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, DataSpec, "loft data prepare")) from None
-    tokenizer = _load_tokenizer(model)
-    prepared = prepare_dataset(spec, tokenizer, progress=not json_out)
-    if json_out:
-        print_json({**prepared.report, "path": str(prepared.path)})
+    from loft.data.prepare import cached_report
+    from loft.data.template import (
+        cached_tokenizer_fingerprint,
+        remember_tokenizer_fingerprint,
+        tokenizer_files_key,
+    )
+
+    # a cache hit is found from the files alone; the tokenizer (transformers, torch: seconds)
+    # is loaded only when there is tokenizing to do
+    key = tokenizer_files_key(_tokenizer_dir(model), f"data prepare --model {model}")
+    known = cached_tokenizer_fingerprint(key) if key else None
+    hit = cached_report(spec, known) if known else None
+    if hit is not None:
+        _fp, path, report = hit
     else:
-        print_report(prepared.report, prepared.path)
+        prepared = prepare_dataset(spec, _load_tokenizer(model), progress=not json_out)
+        path, report = prepared.path, prepared.report
+        if key:
+            remember_tokenizer_fingerprint(key, report["tokenizer"]["fingerprint"])
+    if json_out:
+        print_json({**report, "path": str(path)})
+    else:
+        print_report(report, path)
 
 
 def print_report(report: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ app = typer.Typer(
     help="loft — Local Fine-Tuning: prepare data, fine-tune, track and evaluate LLMs on your own "
     "hardware.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -82,13 +82,21 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or (
         os.environ.get("LOFT_DEBUG") == "1"
     )
+    if not debug:  # libraries' deprecation notices are for their callers' developers
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         # standalone mode: typer/click print usage errors themselves and exit 2
         app(args=argv, standalone_mode=True, prog_name="loft")
     except LoftError as e:
-        if debug:
-            raise
         from loft.cli.output import err_console
+
+        if debug:  # the traceback too, and still the exit code the error means
+            import traceback
+
+            traceback.print_exc()
 
         err_console.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True)
         if e.hint:

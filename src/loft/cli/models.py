@@ -124,3 +124,32 @@ def add_cmd(
         return
     console.print(f"added model [bold]{info.name}[/] at {info.path} (sha256 {info.sha256[:16]}…)")
     console.print(f"use it with: base_model: {info.name}   or   loft models show {info.name}")
+
+
+@app.command("remove")
+def remove_cmd(
+    name: str = typer.Argument(..., help="A model in loft's store (see `loft models list`)."),
+    force: bool = typer.Option(
+        False, "--force", help="Remove it even if registered versions are built on it."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Remove a stored model (added, or the builtin's conversion, which its next use redoes).
+    Refused while registered versions name it as their base, unless --force."""
+    from loft.core.errors import ConfigError
+    from loft.models import remove_model
+    from loft.registry import versions_built_on
+
+    dependents = versions_built_on(name)
+    if dependents and not force:
+        shown = ", ".join(dependents[:8]) + (" …" if len(dependents) > 8 else "")
+        raise ConfigError(
+            f"{len(dependents)} registered version(s) are built on {name!r}: {shown}; without it "
+            "they can be neither evaluated nor served.",
+            hint="Delete those versions first (`loft registry delete NAME:VERSION`), or pass "
+            "--force.",
+        )
+    if not yes:
+        typer.confirm(f"Remove model {name!r} from the store?", abort=True)
+    path = remove_model(name)
+    console.print(f"removed model {name} ({path})")

@@ -110,6 +110,29 @@ def show_cmd(
         console.print(yaml.safe_dump(config, sort_keys=False).rstrip(), markup=False)
 
 
+@app.command("delete")
+def delete_cmd(
+    run: str = typer.Argument(..., help="Run id, unique prefix, MLflow run id or run directory."),
+    force: bool = typer.Option(
+        False, "--force", help="Delete even if it says it is running (its process is gone)."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a run's directory (checkpoints, outputs) and mark its MLflow run deleted.
+    Versions registered from it are copies in the registry and stay."""
+    from loft.tracking import delete_run
+    from loft.tracking.runs import find_run_dir
+
+    if not yes:
+        typer.confirm(f"Delete run {find_run_dir(run)}?", abort=True)
+    out = delete_run(run, force=force)
+    console.print(f"deleted run {out['run_id']} ({out['path']})")
+    if out.get("registered"):
+        console.print(f"  {out['registered']} stays in the registry (its files are a copy)")
+    if out.get("mlflow_error"):
+        console.print(f"[yellow]warning:[/] its MLflow run was not deleted: {out['mlflow_error']}")
+
+
 def _print_metrics(metrics: dict[str, list[dict[str, Any]]]) -> None:
     if not metrics:
         return

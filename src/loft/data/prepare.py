@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loft.core.errors import DataError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, atomic_write_json, datasets_dir
+from loft.core.paths import atomic_dir, atomic_write_json, datasets_dir, read_json_object
 from loft.core.specs import DataSpec
 from loft.data.canaries import CANARIES_FILE, canaries_doc, canary_records, make_canaries
 from loft.data.clean import dedup, remove_overlap, scan_pii
@@ -408,6 +408,20 @@ def resolve_fingerprint(ref: str) -> str:
         f"no prepared dataset {ref!r} in {root} (prepared: {listing})",
         hint="Prepare one with `loft data prepare FILE`.",
     )
+
+
+def cached_report(spec: DataSpec, tokenizer_fp: str) -> tuple[str, Path, dict[str, Any]] | None:
+    """(fingerprint, path, report) when ``spec`` with a tokenizer of fingerprint ``tokenizer_fp``
+    is already prepared, reading only the inputs and report.json (no tokenizer, no Arrow)."""
+    train_res, eval_res = _read_inputs(spec)
+    fp = compute_fingerprint(spec, train_res, eval_res, tokenizer_fp)
+    path = datasets_dir() / fp
+    if not (path / MANIFEST).is_file():
+        return None
+    report = read_json_object(path / REPORT)
+    if not report:
+        return None
+    return fp, path, {**report, "cached": True}
 
 
 def load_prepared(fingerprint: str) -> PreparedDataset:

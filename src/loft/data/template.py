@@ -13,11 +13,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from loft.core.errors import DataError
+from loft.core.paths import atomic_write_json, loft_home, read_json_object
 
 IGNORE_INDEX = -100
+# the files a tokenizer is loaded from (whichever of them a folder has)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+)  # fmt: skip
+_MEMO = "tokenizer_fingerprints.json"
+
+
+def tokenizer_files_key(folder: Path, context: str) -> str | None:
+    """A key for "the tokenizer these files load into, in this context, with this transformers":
+    sha256 over the files' bytes, ``context`` (how it is loaded) and the transformers version.
+    None when the folder holds no tokenizer files."""
+    present = [n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()]
+    if not present:
+        return None
+    h = hashlib.sha256(f"{context}\0{metadata.version('transformers')}".encode())
+    for name in present:
+        h.update(f"\0{name}\0".encode() + (Path(folder) / name).read_bytes())
+    return h.hexdigest()
+
+
+def cached_tokenizer_fingerprint(key: str) -> str | None:
+    """The :func:`tokenizer_fingerprint` recorded for ``key`` (no tokenizer is loaded)."""
+    value = read_json_object(loft_home() / "cache" / _MEMO).get(key)
+    return value if isinstance(value, str) else None
+
+
+def remember_tokenizer_fingerprint(key: str, fingerprint: str) -> None:
+    path = loft_home() / "cache" / _MEMO
+    atomic_write_json(path, {**read_json_object(path), key: fingerprint})
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

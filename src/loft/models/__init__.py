@@ -8,6 +8,7 @@ from loft.models.store import (
     list_models,
     load_causal_lm,
     load_tokenizer,
+    remove_model,
     resolve_model,
     validate_name,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "list_models",
     "load_causal_lm",
     "load_tokenizer",
+    "remove_model",
     "resolve_model",
     "validate_name",
 ]

@@ -11,6 +11,7 @@ Only safetensors weights are ever loaded: pickle checkpoints (*.bin, *.pt) can r
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError, HardwareError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, models_dir, read_json_object
+from loft.core.paths import atomic_dir, fsync_dir, models_dir, read_json_object
 from loft.models.builtin import BUILTIN_NAME, builtin_dir, ensure_builtin, reconvert_hint
 from loft.models.manifest import (
     MANIFEST,
@@ -133,6 +134,8 @@ def _from_local(name: str, path: Path, source: str, verify: bool) -> ModelInfo:
     manifest = read_manifest(path, hint=hint)
     if manifest is not None and verify:
         files = verify_manifest(path, manifest, hint=hint)
+    elif manifest is not None:  # verify=False: trust what the manifest recorded
+        files = {rel: sha for rel, sha in manifest["files"].items() if rel in manifest["weights"]}
     else:
         files = hash_weights(path)
     return ModelInfo(name, path, source, combined_digest(files), files)
@@ -270,6 +273,25 @@ def add_model(path: str | Path, name: str) -> ModelInfo:
     except FileExistsError:
         raise exists from None
     return ModelInfo(name, final, "added", combined_digest(copied), copied)
+
+
+def remove_model(name: str) -> Path:
+    """Delete a stored model (one added with ``add_model``, or the builtin's conversion, which
+    the next use converts again); returns the folder it was in. Local directories and the Hugging
+    Face cache are not loft's to delete. The folder goes first to a hidden name, so an
+    interrupted removal never leaves a half model that looks complete."""
+    final = models_dir() / name
+    if not (NAME_RE.match(name) and ".." not in name and final.is_dir()):
+        raise NotFoundError(
+            f"no stored model {name!r} in {models_dir()}",
+            hint="`loft models list` shows the models loft stores; a local directory or a hub "
+            "id is not loft's to remove.",
+        )
+    doomed = final.with_name(f".removing-{name}-{os.getpid()}")
+    os.replace(final, doomed)
+    fsync_dir(final.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return final
 
 
 def describe_model(info: ModelInfo) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from loft.tracking.mlflow_tracker import (
     resolve_tracking_uri,
     system_tags,
 )
-from loft.tracking.runs import list_runs, metric_history, show_run, ui_command
+from loft.tracking.runs import delete_run, list_runs, metric_history, show_run, ui_command
 
 __all__ = [
     "MlflowTracker",
@@ -22,6 +22,7 @@ __all__ = [
     "Tracker",
     "artifact_root",
     "default_tracking_uri",
+    "delete_run",
     "get_or_create_experiment",
     "list_runs",
     "metric_history",

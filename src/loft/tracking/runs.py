@@ -42,6 +42,7 @@ SUMMARY_FIELDS = (
     "final_train_loss",
     "eval_loss",
     "output_path",
+    "registered",  # the registry version the run became (name:version)
 )
 
 
@@ -115,6 +116,47 @@ def find_run_dir(ref: str | Path) -> Path:
         f"no run {ref!r} in {runs_dir()} (recent runs: {recent})",
         hint="`loft runs list` shows every run; a run directory path works too.",
     )
+
+
+def delete_run(ref: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Delete a run's directory (checkpoints, outputs) and mark its MLflow run deleted.
+
+    Registered versions are copies under LOFT_HOME/registry and are not touched. A run whose
+    summary still says "running" is refused unless ``force`` (its process may be alive; a run
+    killed without a chance to say so looks the same)."""
+    import shutil
+
+    from loft.core.errors import ConfigError
+    from loft.core.paths import fsync_dir
+
+    d = find_run_dir(ref)
+    summary = _read_json(d / SUMMARY_FILE) or {}
+    status = summary.get("status") or ("running" if (d / RUNNING_MARKER).exists() else None)
+    if status == "running" and not force:
+        raise ConfigError(
+            f"run {d.name} says it is still running; deleting it under a live process would "
+            "lose its work.",
+            hint="Stop it first (Ctrl-C or SIGTERM saves a checkpoint). If its process is gone "
+            "(killed or crashed), pass --force.",
+        )
+    doomed = d.with_name(f".deleting-{d.name}-{os.getpid()}")
+    os.replace(d, doomed)
+    fsync_dir(d.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+    out: dict[str, Any] = {
+        "run_id": d.name,
+        "path": str(d),
+        "registered": summary.get("registered"),
+    }
+    mlflow_run_id = summary.get("mlflow_run_id")
+    if mlflow_run_id:
+        uri = summary.get("tracking_uri") or None
+        try:
+            mlflow_client(uri).delete_run(mlflow_run_id)
+            out["mlflow_run_deleted"] = mlflow_run_id
+        except Exception as e:  # the directory is gone either way; say what is left
+            out["mlflow_error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def metric_history(run_id: str, uri: str | None = None) -> dict[str, Any]:

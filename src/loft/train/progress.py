@@ -41,9 +41,11 @@ class TrainProgress:
             eta = f"  eta {eta_s:,.0f}s" if eta_s is not None else ""
             print(f"step {step}/{self.total}  {info}{eta}", file=sys.stderr, flush=True)
 
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
+    def note(self, text: str, *, always: bool = False) -> None:
+        """A line on stderr; ``always`` for what -q must not hide (where the run resumed, the
+        version it became, a warning)."""
+        if self.enabled or always:
+            self.console.print(text, soft_wrap=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -191,6 +191,12 @@ def _train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loop = _Loop(config, model, optimizer, scheduler, plan, placement, pad_id, tracker)
     bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
+    if resumed_from:
+        bar.note(
+            f"resuming run {run_id} at step {start_step}/{plan.total_steps} from checkpoint "
+            f"{resumed_from}",
+            always=True,
+        )
     bar.note(
         f"run {run_id}: {config.method} on {info.name} ({trainable:,} of {total:,} params "
         f"trainable), {len(train_rows):,} examples, {plan.total_steps} steps, "
@@ -439,9 +445,9 @@ def _register(config: TrainConfig, run_dir: Path, bar: TrainProgress) -> dict[st
     try:
         mv = register(run_dir, name=registered_name(config), parent=parent)
     except LoftError as e:
-        bar.note(f"[yellow]warning:[/] not registered: {e.message}")
+        bar.note(f"[yellow]warning:[/] not registered: {e.message}", always=True)
         return {"registered": None, "registry_error": e.message}
-    bar.note(f"registered as {mv.name}:{mv.version}")
+    bar.note(f"registered as {mv.name}:{mv.version}", always=True)
     return {"registered": f"{mv.name}:{mv.version}"}
 
 
