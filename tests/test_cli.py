@@ -3,8 +3,10 @@ documented codes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -111,10 +113,21 @@ def test_bad_config_exits_2(tmp_path):
 
 
 @pytest.mark.integration
-def test_debug_shows_traceback(tmp_path):
-    r = run_loft("--debug", "train", str(tmp_path / "missing.yaml"))
-    assert r.returncode != 0
-    assert "Traceback" in r.stderr
+def test_debug_shows_traceback_and_keeps_the_exit_code(tmp_path):
+    plain = run_loft("train", str(tmp_path / "missing.yaml"))
+    debug = run_loft("--debug", "train", str(tmp_path / "missing.yaml"))
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" in debug.stderr and "Traceback" not in plain.stderr
+    assert "missing.yaml" in debug.stderr
+
+
+@pytest.mark.integration
+def test_shell_completion_script():
+    r = run_loft(
+        "--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    )
+    assert r.returncode == 0, r.stderr
+    assert "_LOFT_COMPLETE" in r.stdout and "complete" in r.stdout
 
 
 @pytest.mark.integration
@@ -148,3 +161,71 @@ def test_demo_last_line_is_its_json_contract(loft_home):
             target.model, target.tokenizer, records, max_new_tokens=32, progress=False
         )
         assert last[key] == round(scored.score, 4), key
+
+
+def _schema_leaves(model, prefix: str = "") -> dict[str, object]:
+    """Every key of a pydantic schema as a dotted path -> its default (a nested model's key ->
+    None; a required key -> ...)."""
+    from pydantic import BaseModel
+
+    out: dict[str, object] = {}
+    for name, field in model.model_fields.items():
+        subs = [a for a in typing.get_args(field.annotation) or [field.annotation]
+                if isinstance(a, type) and issubclass(a, BaseModel)]  # fmt: skip
+        if subs:
+            out[prefix + name] = None
+            out.update(_schema_leaves(subs[0], f"{prefix}{name}."))
+        elif field.is_required():
+            out[prefix + name] = ...
+        else:
+            default = field.get_default(call_default_factory=True)
+            out[prefix + name] = getattr(default, "value", default)
+    return out
+
+
+def _reference_in_help(text: str) -> dict[str, str]:
+    """The YAML reference under 'The config (YAML) keys' in a help page: dotted key -> value."""
+    lines = text.split("The config (YAML) keys", 1)[1].splitlines()[1:]
+    while not lines[0].strip():
+        lines.pop(0)
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in lines:
+        if not line.strip():
+            break
+        m = re.match(r"^(\s*)([A-Za-z_]\w*):(.*)$", line)
+        if m is None:  # a comment continued on its own line
+            assert line.strip().startswith("#"), line
+            continue
+        indent = len(m[1])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([k for _, k in stack] + [m[2]])
+        found[key] = m[3].split("  #")[0].strip()
+        stack.append((indent, m[2]))
+    return found
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("cmd", "schema"), [("train", "TrainConfig"), ("serve", "ServeConfig")])
+def test_help_lists_every_config_key_with_its_default(cmd, schema):
+    """`loft train --help` and `loft serve --help` list every key of their schema, nested keys in
+    place (checked as dotted paths), each with its real default."""
+    import yaml
+
+    from loft.core import specs
+
+    result = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    listed = _reference_in_help(result.output)
+    leaves = _schema_leaves(getattr(specs, schema))
+    assert len(leaves) > 20
+    missing = sorted(set(leaves) - set(listed))
+    assert not missing, f"keys missing from `loft {cmd} --help`: {missing}"
+    for key, default in leaves.items():
+        if default is None and not listed[key]:
+            continue  # a nested model's header line
+        if default is ...:
+            assert listed[key] == "<required>", key
+        else:
+            assert yaml.safe_load(listed[key]) == default, (key, listed[key], default)

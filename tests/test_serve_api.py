@@ -1,8 +1,8 @@
 """`loft serve` end to end: the real `openai` client against a real uvicorn server on 127.0.0.1.
 
 One server per module over the tiny random model, with adapters alpha (v1, v2), beta and gamma
-(tampered on disk before it is first loaded) and four keys: alpha's, beta's, a rate-limited one
-and an admin key that reaches everything.
+(tampered on disk before it is first loaded) and five keys: alpha's, beta's, a rate-limited one,
+an admin key that reaches every model, and a metrics-only key (Prometheus, operators).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, _session_
             "beta": store.create("beta-team", ["beta"])[1],
             "limited": store.create("limited", ["alpha"], rate="2/min")[1],
             "admin": store.create("admin", ["*"], include_base=True)[1],
+            "metrics": store.create("prometheus", [], metrics=True)[1],
         }
         cfg = ServeConfig(
             base_model=str(tiny_model),
@@ -250,8 +251,11 @@ def test_each_key_reaches_only_its_own_adapter(served: Served) -> None:
         messages[(key, model)] = err["message"].replace(repr(model), "M")
     # the same answer whether or not the adapter exists
     assert messages[("alpha", "beta")] == messages[("alpha", "no-such-adapter")]
-    with pytest.raises(openai.PermissionDeniedError):
+    assert "--adapters" in messages[("alpha", "beta")]
+    with pytest.raises(openai.PermissionDeniedError) as e:
         _chat(served, "alpha", served.base)  # the base model is not on alpha's list
+    hint = _error(e.value)["message"]  # the fix for the base model is --base, not --adapters
+    assert "--base" in hint and "--adapters" not in hint
     assert _chat(served, "admin", served.base).parse().model == served.base
 
 
@@ -260,6 +264,11 @@ def test_missing_or_bad_key_is_401(served: Served) -> None:
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
     assert r.json()["error"]["type"] == "authentication_error"
+    # message and hint read as two sentences, not run together
+    assert r.json()["error"]["message"] == (
+        "missing API key. Send 'Authorization: Bearer loft-<id>-<secret>'; create a key with "
+        "`loft keys create`."
+    )
     bad = openai.OpenAI(base_url=served.url + "/v1", api_key="loft-00000000-" + "x" * 43)
     with pytest.raises(openai.AuthenticationError):
         bad.with_options(max_retries=0).models.list()
@@ -284,11 +293,17 @@ def test_models_list_is_filtered_per_key(served: Served) -> None:
     assert ids("admin") == {served.base, "alpha", "beta", "gamma"}
 
 
-def test_limits_are_413(served: Served) -> None:
-    with pytest.raises(openai.APIStatusError) as e:
+def test_limits_are_400_as_openai_answers_and_body_size_413(served: Served) -> None:
+    """max_tokens or a prompt over the server's limits: 400 invalid_request_error naming the
+    field, as OpenAI-compatible servers answer; only an oversized body is 413."""
+    with pytest.raises(openai.BadRequestError) as e:
         _chat(served, "alpha", "alpha", max_tokens=1000)
-    assert e.value.status_code == 413
-    assert _error(e.value)["param"] == "max_tokens" and "16" in _error(e.value)["message"]
+    err = _error(e.value)
+    assert err["type"] == "invalid_request_error" and err["param"] == "max_tokens"
+    assert "16" in err["message"] and "max_tokens_limit" in err["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(served, "alpha", "alpha", max_tokens=None, max_completion_tokens=1000)
+    assert _error(e.value)["param"] == "max_completion_tokens"
     headers = {"Authorization": f"Bearer {served.keys['alpha']}"}
     big = {"model": "alpha", "prompt": "x" * 10_000}
     r = httpx.post(served.url + "/v1/completions", json=big, headers=headers)
@@ -297,8 +312,9 @@ def test_limits_are_413(served: Served) -> None:
     assert r.status_code == 413
     long_prompt = {"model": "alpha", "prompt": "word " * 400, "max_tokens": 2}
     r = httpx.post(served.url + "/v1/completions", json=long_prompt, headers=headers)
-    assert r.status_code == 413 and "max_prompt_tokens" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "max_prompt_tokens" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "prompt"
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_bad_requests_are_400_naming_the_field(served: Served) -> None:
@@ -372,15 +388,95 @@ def test_audit_log_one_line_per_request_without_prompt_text(served: Served) -> N
     assert "prompt" not in ok
 
 
+def _get(served: Served, path: str, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {served.keys[key]}"} if key else {}
+    return httpx.get(served.url + path, headers=headers, timeout=30)
+
+
 def test_health_ready_metrics(served: Served) -> None:
+    """/health and /ready are open; /metrics needs a key with the metrics scope: without a key
+    401, with a key of another scope 403, and neither answer names a model."""
     assert httpx.get(served.url + "/health").status_code == 200
     assert httpx.get(served.url + "/ready").status_code == 200
     _chat(served, "alpha", "alpha", max_tokens=2)
-    text = httpx.get(served.url + "/metrics").text
+    for key, status in ((None, 401), ("alpha", 403), ("admin", 403)):
+        r = _get(served, "/metrics", key)
+        assert r.status_code == status, (key, r.text)
+        assert r.json()["error"]["type"] in ("authentication_error", "permission_error")
+        leaks = ("alpha:", "beta", "gamma", served.base, "model=")  # the key's own name is fine
+        assert not any(name in r.text for name in leaks), r.text
+    assert "--metrics" in _get(served, "/metrics", "alpha").json()["error"]["message"]
+    r = _get(served, "/metrics", "metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
     assert 'loft_requests_total{model="alpha:1",status="200"}' in text
     assert 'loft_tokens_total{kind="completion",model="alpha:1"}' in text
     assert "loft_time_to_first_token_seconds_bucket" in text
     assert "loft_resident_adapters" in text and "loft_queue_depth" in text
+
+
+def test_status_endpoint_names_what_is_loaded_and_what_each_alias_serves(served: Served) -> None:
+    """GET /v1/loft/status: 401 without a key; a metrics key sees every adapter, with the version
+    a bare name serves and each alias's version; an app key sees only its allow-list."""
+    _chat(served, "alpha", "alpha", max_tokens=1)  # alpha:1 is resident
+    assert _get(served, "/v1/loft/status").status_code == 401
+    full = _get(served, "/v1/loft/status", "metrics").json()
+    assert full["object"] == "loft.status" and full["view"] == "all"
+    assert full["base_model"]["name"] == served.base and full["engine"] == "torch"
+    adapters = {a["name"]: a for a in full["adapters"]}
+    assert set(adapters) == {"alpha", "beta", "gamma"}
+    assert adapters["alpha"]["serves"] == "alpha:1"
+    assert adapters["alpha"]["aliases"] == {"champion": "alpha:1"}
+    assert adapters["alpha"]["latest"] == 2
+    assert adapters["gamma"]["serves"] == "gamma:1" and adapters["gamma"]["aliases"] == {}
+    resident = {r["ref"]: r for r in full["resident"]}
+    assert "alpha:1" in resident and resident["alpha:1"]["sha256"] == weights_digest("alpha:1")
+    assert full["max_resident_adapters"] == 8 and full["state"] == "ready"
+
+    mine = _get(served, "/v1/loft/status", "alpha").json()
+    assert mine["view"] == "key alpha-team"
+    assert {a["name"] for a in mine["adapters"]} == {"alpha", "gamma"}
+    assert all(r["ref"].split(":")[0] in ("alpha", "gamma") for r in mine["resident"])
+
+
+def test_cli_serve_status_from_a_running_server(served: Served, tmp_path: Path) -> None:
+    r = run_loft("serve", "status", "--url", served.url, "--key", served.keys["metrics"])
+    assert r.returncode == 0, r.stderr
+    assert f"loft serve at {served.url}: ready" in r.stdout
+    assert served.base in r.stdout and "every adapter" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if "│ alpha " in line)
+    assert "alpha:1" in row and "champion → alpha:1" in row
+    assert "beta" in r.stdout
+
+    r = run_loft("serve", "status", "--url", served.url + "/v1", "--key", served.keys["beta"])
+    assert r.returncode == 0, r.stderr
+    assert "beta" in r.stdout and "alpha" not in r.stdout and "beta-team" in r.stdout
+
+    r = run_loft("serve", "status", "--url", served.url, "--json",
+                 env={"LOFT_API_KEY": served.keys["metrics"]})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert {a["name"] for a in json.loads(r.stdout)["adapters"]} == {"alpha", "beta", "gamma"}
+
+    r = run_loft("serve", "status", "--url", served.url)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "missing API key" in r.stderr and "--key" in r.stderr
+    r = run_loft("serve", "status", "--url", f"http://127.0.0.1:{_free_port()}")
+    assert r.returncode == 2 and "no server answers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_keys_create_warns_about_unregistered_names(served: Served, tmp_path: Path) -> None:
+    """Against a registry holding alpha, beta and gamma: a name not registered is named in a
+    warning (with a did-you-mean), a registered one is not, and the key is created anyway."""
+    db = str(tmp_path / "keys.db")
+    r = run_loft("keys", "create", "--name", "late", "--adapters", "alpha,betta", "--db", db,
+                 home=served.home)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    err = " ".join(r.stderr.split())
+    assert "no registered model is named 'betta' (did you mean 'beta'?)" in err
+    assert "'alpha'" not in err and "created anyway" in err
+    from loft.serve.keys import KeyStore
+
+    assert KeyStore(Path(db)).authenticate(r.stdout.splitlines()[-1]).adapters == ["alpha", "betta"]
 
 
 def test_draining_refuses_new_requests(served: Served) -> None:
@@ -427,6 +523,66 @@ def test_cli_serve_vllm_refuses_cleanly_on_cpu(loft_home: Path, tiny_model: Path
     assert "vllm" in r.stderr.lower() and "Traceback" not in r.stderr
 
 
+def test_serve_checks_its_ports_before_loading_anything(loft_home: Path) -> None:
+    """A taken port (API or metrics) exits 2 naming it, before the base model is even looked up:
+    the model here does not exist, and that is not what is reported."""
+    missing = str(loft_home / "no-such-model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_loft("serve", "--port", str(port), "--base-model", missing)
+        assert r.returncode == 2, r.stderr
+        assert f"port 127.0.0.1:{port} is already in use" in r.stderr
+        assert "--port" in r.stderr  # what to do
+        assert "no-such-model" not in r.stderr and "Traceback" not in r.stderr
+        r = run_loft("serve", "--port", str(_free_port()), "--metrics-port", str(port),
+                     "--base-model", missing)  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert f"metrics_port 127.0.0.1:{port} is already in use" in r.stderr
+        assert "no-such-model" not in r.stderr
+    free = str(_free_port())
+    r = run_loft("serve", "--port", free, "--metrics-port", free, "--base-model", missing)
+    assert r.returncode == 2 and "a port of its own" in r.stderr
+
+
+def test_metrics_need_a_metrics_key_or_their_own_port(loft_home: Path, tiny_model: Path) -> None:
+    """A real `loft serve --metrics-port P` with keys on: /metrics on P answers without a key and
+    serves nothing else; on the API port it needs a metrics key (401 without, 403 with another)."""
+    from loft.serve.keys import KeyStore
+
+    store = KeyStore(loft_home / "keys.db")
+    app_key = {"Authorization": f"Bearer {store.create('app', [], include_base=True)[1]}"}
+    prom_key = {"Authorization": f"Bearer {store.create('prom', [], metrics=True)[1]}"}
+    port, mport = _free_port(), _free_port()
+    url, murl = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}"
+    log = loft_home / "serve.log"
+    args = ["serve", "--base-model", str(tiny_model), "--port", str(port), "--metrics-port",
+            str(mport), "--set", "device=cpu"]  # fmt: skip
+    with log.open("w") as sink:
+        proc = start_loft(*args, home=loft_home, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(proc, url, log)
+        assert f"metrics: {murl}/metrics (no key)" in log.read_text()
+        body = {"model": str(tiny_model), "prompt": "Hi", "max_tokens": 1}
+        r = httpx.post(url + "/v1/completions", json=body, headers=app_key, timeout=60)
+        assert r.status_code == 200, r.text
+        scraped = httpx.get(murl + "/metrics", timeout=30)
+        assert scraped.status_code == 200 and 'status="200"' in scraped.text
+        assert httpx.get(murl + "/v1/models", timeout=30).status_code == 404
+        assert httpx.post(murl + "/v1/completions", json=body, timeout=30).status_code == 404
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 401
+        assert httpx.get(url + "/metrics", headers=app_key, timeout=30).status_code == 403
+        with_key = httpx.get(url + "/metrics", headers=prom_key, timeout=30)
+        assert with_key.status_code == 200 and 'status="200"' in with_key.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0, log.read_text()
+        finally:
+            kill_tree(proc)
+
+
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + 120  # a polling limit, not the assertion
     while True:
@@ -469,6 +625,8 @@ def test_loft_serve_no_auth_log_prompts_and_concurrency_limit(loft_home: Path, t
         rec = json.loads(audit.read_text().splitlines()[-1])
         assert rec["prompt"] == SECRET and rec["completion"] == completion
         assert rec["key"] == "-"  # no key under --no-auth
+        # every operator endpoint is open under --no-auth too (documented in `loft serve --help`)
+        assert httpx.get(url + "/v1/loft/status", timeout=30).json()["view"] == "all"
 
         long = {"model": model, "prompt": "Once", "max_tokens": 3000, "stream": True}
         with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:

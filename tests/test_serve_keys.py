@@ -51,7 +51,7 @@ def test_only_the_salted_hash_is_stored(tmp_path: Path) -> None:
     assert key.split("-", 2)[2].encode() not in blob
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         salt, digest = conn.execute("SELECT salt, hash FROM keys").fetchone()
     assert len(bytes.fromhex(salt)) == 16 and len(digest) == 64
     assert "hash" not in record.to_dict() and "salt" not in record.to_dict()
@@ -142,7 +142,7 @@ def test_create_validation_reports_every_problem(tmp_path: Path) -> None:
     assert "'../evil'" in msg
     assert "invalid rate 'lots'" in msg and "60/min" in msg
     assert "invalid expiry 'soon'" in msg and "30d" in msg
-    with pytest.raises(ConfigError, match="reach nothing"):
+    with pytest.raises(ConfigError, match="reach nothing.*--metrics"):
         store.create("ci", [])
     with pytest.raises(ConfigError, match="alone"):
         store.create("ci", ["*", "a"])
@@ -280,3 +280,106 @@ def test_cli_db_option_and_exit_codes(
     assert run_cli("keys", "--help") == 0
     for cmd in ("create", "list", "revoke"):
         assert run_cli("keys", cmd, "--help") == 0
+
+
+def test_metrics_scope_alone_is_a_valid_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.db")
+    record, key = store.create("prometheus", [], metrics=True)
+    assert record.metrics and not record.allows("anything", is_base=False)
+    got = KeyStore(tmp_path / "keys.db").authenticate(key)
+    assert got.metrics is True and got.to_dict()["metrics"] is True
+    _, plain = store.create("app", ["a"])
+    assert store.authenticate(plain).metrics is False
+
+
+def test_last_used_is_written_at_most_once_a_minute(tmp_path: Path) -> None:
+    """A server (one KeyStore) records a key's last use; `keys list` (another) reads it. Requests
+    within a minute of the last write do not write again."""
+    clock = Clock()
+    server = KeyStore(tmp_path / "keys.db", clock=clock)
+    cli = KeyStore(tmp_path / "keys.db")
+    record, key = server.create("ci", ["a"])
+    assert cli.list_keys()[0].last_used is None
+    assert record.created == "2023-11-14T22:13:20+00:00"
+
+    def last_used() -> str | None:
+        return cli.list_keys()[0].last_used
+
+    server.authenticate(key)
+    assert last_used() == "2023-11-14T22:13:20+00:00"
+    clock.t += 59  # many requests within the minute: no write
+    for _ in range(5):
+        server.authenticate(key)
+    assert last_used() == "2023-11-14T22:13:20+00:00"
+    clock.t += 1  # a minute after the last write: written again
+    server.authenticate(key)
+    assert last_used() == "2023-11-14T22:14:20+00:00"
+    assert cli.list_keys()[0].to_dict()["last_used"] == "2023-11-14T22:14:20+00:00"
+
+
+def test_a_version_1_store_is_migrated_keeping_its_keys(tmp_path: Path) -> None:
+    """keys.db files written by loft before last_used and the metrics scope keep working."""
+    import hashlib
+    import sqlite3
+
+    db = tmp_path / "keys.db"
+    salt, key = "00" * 16, "loft-0123abcd-" + "s" * 43
+    digest = hashlib.sha256(bytes.fromhex(salt) + key.encode()).hexdigest()
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "CREATE TABLE keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, salt TEXT NOT NULL, "
+            "hash TEXT NOT NULL, adapters TEXT NOT NULL, include_base INTEGER NOT NULL, "
+            "rate TEXT, created TEXT NOT NULL, expires TEXT, revoked TEXT);"
+            "CREATE UNIQUE INDEX keys_active_name ON keys(name) WHERE revoked IS NULL;"
+            "PRAGMA user_version = 1;"
+        )
+        conn.execute(
+            "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,?,?)",
+            ("0123abcd", "old", salt, digest, '["a"]', 0, None, "2024-01-01T00:00:00+00:00",
+             None, None),
+        )  # fmt: skip
+    store = KeyStore(db)
+    record = store.authenticate(key)
+    assert record.name == "old" and record.adapters == ["a"] and record.metrics is False
+    listed = store.list_keys()[0]
+    assert listed.created == "2024-01-01T00:00:00+00:00" and listed.last_used is not None
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    store.create("new", [], metrics=True)
+    assert [r.name for r in KeyStore(db).list_keys()] == ["old", "new"]
+
+
+def test_cli_create_warns_about_unregistered_adapters_and_still_creates(
+    loft_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run_cli("keys", "create", "--name", "early", "--adapters", "not-yet-registered")
+    assert code == 0
+    out, err = capsys.readouterr()
+    key = out.splitlines()[-1]
+    assert KEY_RE.match(key)
+    err = " ".join(err.split())
+    assert "warning: no registered model is named 'not-yet-registered'" in err
+    assert "created anyway" in err
+    assert KeyStore().authenticate(key).adapters == ["not-yet-registered"]
+    assert run_cli("keys", "create", "--name", "every", "--adapters", "*") == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_list_shows_created_last_used_and_metrics(
+    loft_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = KeyStore()
+    _, key = store.create("used", ["*"])
+    store.create("prom", [], metrics=True)
+    store.authenticate(key)
+    assert run_cli("keys", "list", "--json") == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["used"]["last_used"] and rows["prom"]["last_used"] is None
+    assert rows["prom"]["metrics"] is True and rows["used"]["metrics"] is False
+    assert run_cli("keys", "list") == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if "name" in line)
+    for col in ("created", "last", "metrics"):
+        assert col in header, table
+    created = rows["used"]["created"][:16].replace("T", " ")
+    assert created in table and "never" in table

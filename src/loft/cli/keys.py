@@ -28,6 +28,12 @@ def create_cmd(
         "", "--adapters", help="Comma-separated registered model names, or '*' for all."
     ),
     base: bool = typer.Option(False, "--base/--no-base", help="Also allow the bare base model."),
+    metrics: bool = typer.Option(
+        False,
+        "--metrics",
+        help="Also allow GET /metrics and the full `loft serve status` (for Prometheus and "
+        "operators); may be given alone.",
+    ),
     rate: str | None = typer.Option(
         None, "--rate", help="Request limit such as 10/s, 60/min, 1000/hour (default: none)."
     ),
@@ -40,17 +46,24 @@ def create_cmd(
     """Create a key; it is shown once, alone on the last line of stdout.
 
     KEY=$(loft keys create --name ci --adapters support-bot | tail -1)
+
+    Adapter names not (yet) in the registry are accepted with a warning: the key reaches such
+    an adapter once a model of that name is registered.
     """
     from loft.cli.output import err_console, print_json
 
     names = [a.strip() for a in adapters.split(",") if a.strip()]
-    record, key = _store(db).create(name, names, include_base=base, rate=rate, expires=expires)
+    record, key = _store(db).create(
+        name, names, include_base=base, rate=rate, expires=expires, metrics=metrics
+    )
+    _warn_unknown(names)
     if json_out:
         print_json({**record.to_dict(), "key": key})
         return
     err_console.print(
         f"created key [bold]{record.name}[/] (id {record.id}): "
         f"adapters {_adapters(record)}, base {'yes' if record.include_base else 'no'}, "
+        f"metrics {'yes' if record.metrics else 'no'}, "
         f"rate {record.rate or 'unlimited'}, expires {record.expires or 'never'}",
         soft_wrap=True,
     )
@@ -68,7 +81,8 @@ def list_cmd(
     db: Path | None = typer.Option(None, "--db", help=_DB_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the keys as JSON."),
 ) -> None:
-    """List keys (never the keys themselves: only names, ids and what they allow)."""
+    """List keys (never the keys themselves: names, ids, what they allow, when created and
+    last used). A server records a key's last use at most once a minute."""
     from loft.cli.output import console, print_json
 
     records = _store(db).list_keys(include_revoked=all_keys)
@@ -81,8 +95,10 @@ def list_cmd(
     from rich.table import Table
 
     table = Table()
-    for col in ("name", "id", "adapters", "base", "rate", "expires", "status"):
+    for col in ("name", "id", "adapters", "base", "metrics", "rate", "created", "last used"):
         table.add_column(col)
+    table.add_column("expires")
+    table.add_column("status")
     colours = {"active": "green", "expired": "yellow", "revoked": "red"}
     for r in records:
         status = r.status()
@@ -91,11 +107,15 @@ def list_cmd(
             r.id,
             _adapters(r),
             "yes" if r.include_base else "no",
+            "yes" if r.metrics else "no",
             r.rate or "-",
+            _when(r.created),
+            _when(r.last_used, never="never"),
             _when(r.expires),
             f"[{colours[status]}]{status}[/]",
         )
     console.print(table)
+    console.print("times are UTC; last used is recorded at most once a minute per key")
 
 
 @app.command("revoke")
@@ -116,6 +136,37 @@ def _adapters(record: Any) -> str:
     return ", ".join(record.adapters) or "-"
 
 
-def _when(iso: str | None) -> str:
-    """'2026-12-07T21:22:09+00:00' -> '2026-12-07 21:22 UTC' (stored times are all UTC)."""
-    return f"{iso[:16].replace('T', ' ')} UTC" if iso else "never"
+def _when(iso: str | None, never: str = "never") -> str:
+    """'2026-12-07T21:22:09+00:00' -> '2026-12-07 21:22' (stored times are all UTC)."""
+    return iso[:16].replace("T", " ") if iso else never
+
+
+def _warn_unknown(names: list[str]) -> None:
+    """Warn, naming them, about adapters that are not registered (yet); never refuse."""
+    import difflib
+
+    from loft.cli.output import err_console
+    from loft.core.errors import LoftError
+    from loft.serve.keys import unknown_adapters
+
+    if not names or names == ["*"]:
+        return
+    try:
+        unknown, registered = unknown_adapters(names)
+    except LoftError as e:
+        err_console.print(
+            f"[yellow]warning:[/] could not check the adapter names against the registry: "
+            f"{e.message}",
+            soft_wrap=True,
+        )
+        return
+    for n in unknown:
+        close = difflib.get_close_matches(n, registered, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        err_console.print(
+            f"[yellow]warning:[/] no registered model is named {n!r}{guess}; the key is created "
+            "anyway and will reach it once a model of that name is registered. Registered: "
+            f"{', '.join(registered) or '(none)'}.",
+            soft_wrap=True,
+            markup=True,
+        )

@@ -6,24 +6,13 @@ from pathlib import Path
 
 import typer
 
+from loft.cli.schema_help import SchemaHelpCommand
+
 CONFIG_HELP = """Fine-tune a base model on a dataset, tracked in MLflow, resumable.
 
-The config (YAML) keys, with defaults:
+The config (YAML) keys, with defaults (every key of the schema, loft.core.specs.TrainConfig):
 
-\b
-  base_model: smollm2-135m-instruct   # builtin name, local HF dir, or hub id in the HF cache
-  method: lora                        # full | lora | dora | qlora (qlora needs CUDA)
-  data: {train: PATH, eval: null, eval_fraction: 0.05, format: auto, column_map: {},
-         max_seq_len: 1024, packing: true, train_on_inputs: false, skip_invalid: false,
-         dedup: true, near_dup_threshold: 0.9, pii: report}
-  lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}
-  training: {epochs: 1, max_steps: null, micro_batch_size: 8, grad_accum: 1, lr: 2.0e-4,
-             scheduler: cosine, warmup_ratio: 0.03, weight_decay: 0.0, max_grad_norm: 1.0,
-             seed: 42, save_every: 50, keep_checkpoints: 2, eval_every: 50,
-             gradient_checkpointing: auto, precision: auto}
-  output_dir: null                    # default LOFT_HOME/runs/<run_id>
-  run_name: null
-  tracking: {uri: null, experiment: default}
+{schema:TrainConfig}
 
 Relative paths are resolved against the config file's directory. The run directory is printed as
 the last line. Ctrl-C (or SIGTERM) saves a checkpoint and exits; add --resume to continue.
@@ -31,7 +20,7 @@ the last line. Ctrl-C (or SIGTERM) saves a checkpoint and exits; add --resume to
 
 
 def register(root: typer.Typer) -> None:
-    @root.command("train", help=CONFIG_HELP)
+    @root.command("train", help=CONFIG_HELP, cls=SchemaHelpCommand)
     def train_cmd(
         config: Path = typer.Argument(..., help="Training config YAML."),
         set_: list[str] = typer.Option(
@@ -55,9 +44,14 @@ def register(root: typer.Typer) -> None:
 
         result = train(cfg, resume=resume, progress=not quiet, force=force)
         s = result.summary
+
+        def loss(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
         console.print(
             f"done: {s['steps']} steps, {s['train_tokens']:,} tokens, "
-            f"{s['tokens_per_s']:.0f} tok/s, train loss {s['final_train_loss']}, "
-            f"eval loss {s['eval_loss']}, output {s['output_path']}"
+            f"{s['tokens_per_s']:.0f} tok/s, train loss {loss(s['final_train_loss'])}, "
+            f"eval loss {loss(s['eval_loss'])}, output {s['output_path']}",
+            soft_wrap=True,
         )
         print(result.run_dir)

@@ -79,7 +79,8 @@ class OverloadedError(LoftError):
 
 
 class RequestTooLargeError(LoftError):
-    """A request body, prompt or ``max_tokens`` over the server's configured limits."""
+    """A request body over the server's max_body_bytes (HTTP 413); a prompt or ``max_tokens`` over
+    its limits is a bad request (400, ``InvalidRequestError`` in ``loft.serve.protocol``)."""
 
 
 # class -> (CLI exit code, HTTP status). Looked up by walking the MRO, so subclasses inherit.

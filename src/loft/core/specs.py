@@ -32,28 +32,40 @@ class DataSpec(Strict):
     eval: str | None = Field(
         None, description="Optional held-out file; else eval_fraction of train."
     )
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    format: DataFormat = "auto"
-    column_map: dict[str, str] = Field(
-        default_factory=dict, description="file column -> loft field"
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of train held out for eval when eval is null."
     )
-    max_seq_len: int = Field(1024, ge=16, le=1_048_576)
-    packing: bool = True
-    train_on_inputs: bool = False
-    skip_invalid: bool = False
-    dedup: bool = True
-    near_dup_threshold: float = Field(0.9, gt=0.0, le=1.0)
-    pii: Literal["report", "redact", "off"] = "report"
+    format: DataFormat = Field("auto", description="Record format; auto detects it.")
+    column_map: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns: {file column: loft field}."
+    )
+    max_seq_len: int = Field(
+        1024, ge=16, le=1_048_576, description="Longest example in tokens (after the template)."
+    )
+    packing: bool = Field(True, description="Pack rows padding-free; no attention across examples.")
+    train_on_inputs: bool = Field(
+        False, description="Also train on prompt tokens, not only assistant replies."
+    )
+    skip_invalid: bool = Field(False, description="Train on the valid records instead of stopping.")
+    dedup: bool = Field(True, description="Remove exact and near duplicates (MinHash).")
+    near_dup_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="Similarity at which two records count as duplicates."
+    )
+    pii: Literal["report", "redact", "off"] = Field(
+        "report", description="report PII found, redact (replace) it, or off (no scan)."
+    )
     canaries: int = Field(
         0, ge=0, le=10_000, description="Random canary records inserted for a memorisation audit."
     )
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32, gt=0, description="Scaling: updates are multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="all-linear, or a list of module names."
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -64,32 +76,44 @@ class LoraSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2.0e-4, gt=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 42
-    save_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(50, ge=1)
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    epochs: float = Field(1, gt=0, description="Passes over the training split (may be 0.5).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps; overrides epochs."
+    )
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward/backward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, lt=1.0, description="Share of the steps spent warming up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip gradients to this norm; null: no clipping."
+    )
+    seed: int = Field(42, description="Seeds data order, initialisation and dropout.")
+    save_every: int = Field(50, ge=1, description="Save a checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    eval_every: int = Field(50, ge=1, description="Compute eval loss every N steps.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: on for GPUs, off on CPUs."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the hardware has native bf16, else fp32."
+    )
 
 
 class TrackingSpec(Strict):
-    uri: str | None = None
-    experiment: str = "default"
+    uri: str | None = Field(
+        None, description="MLflow URI; default MLFLOW_TRACKING_URI or LOFT_HOME."
+    )
+    experiment: str = Field("default", description="MLflow experiment name.")
 
 
 class RegisterSpec(Strict):
-    name: str | None = Field(
-        None, description="Registered model name; default <train file's folder>-<method>."
-    )
+    name: str | None = Field(None, description="Default: run_name, else <train folder>-<method>.")
     parent: str | None = Field(None, description="Registry ref this run continues from.")
 
 
@@ -98,15 +122,23 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class TrainConfig(Strict):
-    base_model: str = "smollm2-135m-instruct"
-    method: Method = Method.lora
-    data: DataSpec
-    lora: LoraSpec = Field(default_factory=LoraSpec)
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Builtin or added model, local HF dir, or cached hub id.",
+    )
+    method: Method = Field(Method.lora, description="qlora needs CUDA.")
+    data: DataSpec = Field(description="The dataset.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (not for full).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    output_dir: str | None = None
-    run_name: str | None = None
+    output_dir: str | None = Field(None, description="Default LOFT_HOME/runs/<run_id>.")
+    run_name: str | None = Field(
+        None, description="Run id, default generated; also the registered name."
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    register: RegisterSpec | bool = Field(default_factory=RegisterSpec)
+    register: RegisterSpec | bool = Field(
+        default_factory=RegisterSpec,
+        description="Register the result as a version; false: do not.",
+    )
     gate: list[str] = Field(
         default_factory=list, description="Promotion checks, e.g. 'eval_loss <= champion + 0.02'."
     )
@@ -133,47 +165,66 @@ class ServeConfig(Strict):
         "smollm2-135m-instruct", description="Base model every served adapter must be built on."
     )
     engine: Literal["torch", "vllm"] = Field(
-        "torch", description="torch (CPU or GPU, PEFT) or vllm (GPU only)."
+        "torch", description="torch (CPU or GPU) or vllm (GPU; pip install loft[vllm])."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
     adapters: list[str] = Field(
         default_factory=list,
-        description="Registry refs to load at start (name, name@alias, name:version).",
+        description="Refs loaded at start: name, name@alias, name:version.",
     )
     pinned: list[str] = Field(
         default_factory=list, description="Registry names or refs never evicted from the cache."
     )
-    max_resident_adapters: int = Field(8, ge=1, le=4096)
+    max_resident_adapters: int = Field(
+        8, ge=1, le=4096, description="Adapters kept loaded at once (LRU beyond pinned ones)."
+    )
     default_alias: str = Field("champion", description="Alias a bare adapter name follows.")
     alias_refresh_s: float = Field(
-        2.0, ge=0.0, le=3600, description="How long a resolved alias is reused before re-reading."
+        2.0, ge=0.0, le=3600, description="Alias moves reach live traffic within this time."
     )
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Sequences decoded together.")
     batch_wait_ms: float = Field(
         5.0, ge=0.0, le=1000, description="Longest wait to fill a batch once one request is queued."
     )
-    max_prompt_tokens: int = Field(2048, ge=1)
-    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask.")
-    default_max_tokens: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(
+        2048, ge=1, description="Longest prompt in tokens; over it: 400."
+    )
+    max_tokens_limit: int = Field(
+        1024, ge=1, description="Largest max_tokens a request may ask; over it: 400."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request has none.")
     max_n: int = Field(8, ge=1, le=128, description="Largest n (choices per request).")
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    max_concurrent_requests: int = Field(64, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; over: 413.")
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Requests served at once; over it: 503 with Retry-After."
+    )
     log_prompts: bool = Field(
         False, description="Write prompt and completion text to the audit log."
     )
     audit_log: str | None = Field(
-        None, description="JSON-lines audit file; default LOFT_HOME/serve/audit.jsonl."
+        None, description="Audit file; default LOFT_HOME/serve/audit.jsonl."
     )
     keys_db: str | None = Field(None, description="API key store; default LOFT_HOME/keys.db.")
     drain_timeout_s: float = Field(
-        30.0, ge=0.0, description="On SIGTERM, how long in-flight requests may take to finish."
+        30.0, ge=0.0, description="On SIGTERM, time in-flight requests get to finish."
     )
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vllm engine only.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vllm only: share of GPU memory it may take."
+    )
     max_lora_rank: int | None = Field(
-        None, ge=1, description="vllm engine only; default: the largest rank among the adapters."
+        None, ge=1, description="vllm only; default: largest rank among the adapters."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics here too, with no key (see metrics_host).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address for metrics_port, e.g. an internal interface."
     )
 
     @model_validator(mode="after")

@@ -28,18 +28,6 @@ from loft.core.errors import ConfigError, NotFoundError, OverloadedError
 from loft.core.specs import ServeConfig
 from loft.serve.types import Target
 
-WEIGHT_SUFFIX = ".safetensors"
-
-
-def weights_sha256(card: dict[str, Any]) -> str:
-    """One fingerprint over a version's weight files, from the (already verified) card."""
-    from loft.models.manifest import combined_digest
-
-    files = {
-        f["path"]: f["sha256"] for f in card.get("files") or [] if f["path"].endswith(WEIGHT_SUFFIX)
-    }
-    return combined_digest(files)
-
 
 class Resolver:
     """``model`` string -> (name, version), with aliases cached for ``refresh_s`` seconds.
@@ -95,6 +83,15 @@ class Resolver:
         except NotFoundError:
             got = resolve(name)  # no such alias (or model): latest version, or NotFoundError
         return got[0], got[1]
+
+
+def served_version(aliases: dict[str, int], latest: int | None, default_alias: str) -> int | None:
+    """The version a bare ``name`` routes to, by ``Resolver._lookup``'s rule: the default alias,
+    else ``champion``, else the latest version (None: the model has no versions)."""
+    for alias in (default_alias, "champion"):
+        if alias in aliases:
+            return aliases[alias]
+    return latest
 
 
 @dataclass
@@ -170,6 +167,14 @@ class AdapterCache:
     def resident(self) -> list[str]:
         with self._lock:
             return list(self._resident)
+
+    def details(self) -> list[dict[str, Any]]:
+        """Each resident adapter, least recently used first: ref, sha256, pinned, in_use."""
+        with self._lock:
+            return [
+                {"ref": ref, "sha256": r.target.sha256, "pinned": r.pinned, "in_use": r.leases}
+                for ref, r in self._resident.items()
+            ]
 
     def slot_of(self, ref: str) -> int:
         with self._lock:
@@ -267,6 +272,7 @@ class AdapterCache:
 
     def _verified_target(self, ref: str) -> Target:
         from loft.registry import get_version
+        from loft.registry.card import weights_digest
 
         mv = get_version(ref, verify=True)  # IntegrityError names the bad file
         card = mv.card
@@ -283,7 +289,7 @@ class AdapterCache:
             ref=ref,
             name=mv.name,
             version=mv.version,
-            sha256=weights_sha256(card),
+            sha256=weights_digest(card),  # what `loft registry show` prints as its digest
             is_base=False,
             path=Path(mv.path),
             chat_template=(card.get("lineage") or {}).get("chat_template"),

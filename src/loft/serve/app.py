@@ -3,8 +3,17 @@
 Every generation request passes, in order: body size limit (413), API key (401), the key's rate
 (429), the concurrency limit (503), body validation (400), the key's allow-list checked against
 the *name* asked for (403, the same message whether or not the adapter exists), the server's
-limits (413/400), then ``engine.acquire`` (404/409) and generation. One exception handler turns
-any ``LoftError`` into an OpenAI-style error body with the status from ``http_status_for``.
+limits on max_tokens, n and prompt length (400, as OpenAI answers), then ``engine.acquire``
+(404/409) and generation. One exception handler turns any ``LoftError`` into an OpenAI-style
+error body with the status from ``http_status_for``.
+
+Operator endpoints: ``/metrics`` (Prometheus) and ``/v1/loft/status`` (what is loaded, which
+version each adapter name and alias routes to). With keys on, ``/metrics`` needs a key with the
+``metrics`` scope (no key: 401, another key: 403, naming no model); ``/v1/loft/status`` needs any
+valid key and shows a key without that scope only the models on its allow-list.
+``create_metrics_app`` serves ``/metrics`` alone, without a key, for a separate listener
+(``metrics_port``) whose address is its protection. ``/health`` and ``/ready`` stay open for
+load balancers. Under ``--no-auth`` (``keys=None``) every endpoint is open.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class ServerState:
     in_flight: int = 0
     ready: bool = True  # create_app is called after engine.start()
     draining: bool = False
+    started_at: float = field(default_factory=time.time)
 
 
 def begin_drain(app: FastAPI) -> None:
@@ -227,9 +237,11 @@ def _check_access(st: ServerState, record: KeyRecord | None, model: str) -> None
         except ConfigError as e:
             raise InvalidRequestError(e.message, param="model", hint=e.hint) from None
     if record is not None and not record.allows(name, is_base=is_base):
+        # the base model's name is public (/ready shows it), so its hint may name the flag
+        how = "created with --base" if is_base else "whose --adapters list includes it"
         raise PermissionDeniedError(
             f"API key {record.name!r} may not use model {model!r}.",
-            hint="Ask for a key whose allow-list includes it (`loft keys create --adapters`).",
+            hint=f"Ask for a key {how} (`loft keys create`).",
         )
 
 
@@ -452,12 +464,12 @@ async def _generation(request: Request, kind: Literal["chat", "completion"]) -> 
         text, prompt_ids = render_prompt(st.engine.tokenizer, target, req)
         ctx.prompt, ctx.prompt_tokens = text, len(prompt_ids)
         if len(prompt_ids) > st.config.max_prompt_tokens:
-            err = RequestTooLargeError(
+            raise InvalidRequestError(
                 f"the prompt is {len(prompt_ids)} tokens, over this server's limit of "
-                f"{st.config.max_prompt_tokens} (max_prompt_tokens)."
+                f"{st.config.max_prompt_tokens} (max_prompt_tokens).",
+                param="messages" if kind == "chat" else "prompt",
+                hint="Shorten it.",
             )
-            err.param = "messages" if kind == "chat" else "prompt"  # type: ignore[attr-defined]
-            raise err
         choices = [
             SamplingParams(**{**vars(params), "seed": None if req.seed is None else req.seed + i})
             for i in range(req.n)
@@ -538,15 +550,92 @@ def create_app(
     @app.get("/metrics")
     async def metrics_endpoint(request: Request) -> Response:
         st = _state(request)
-        st.metrics.set_gauges(
-            resident=len(st.engine.resident()),
-            queue_depth=st.engine.queue_depth(),
-            in_flight=st.in_flight,
-        )
-        body, content_type = st.metrics.render()
-        return Response(body, media_type=content_type)
+        record = _authenticate(st, request)
+        if record is not None and not record.metrics:
+            raise PermissionDeniedError(
+                f"API key {record.name!r} may not read /metrics.",
+                hint="Scrape with a key created with `loft keys create --metrics`, or from the "
+                "metrics_port listener.",
+            )
+        return _metrics_response(st)
+
+    @app.get("/v1/loft/status")
+    async def status_endpoint(request: Request) -> JSONResponse:
+        st = _state(request)
+        record = _authenticate(st, request)
+        if record is not None:
+            st.limiter.check(record)
+        return JSONResponse(await server_status(st, record))
 
     return app
+
+
+def create_metrics_app(app: FastAPI) -> FastAPI:
+    """``/metrics`` of ``app``'s server, with no key, for a listener of its own (metrics_port);
+    every other path is 404 there."""
+    metrics_app = FastAPI(title="loft metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    st: ServerState = app.state.loft
+
+    @metrics_app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return _metrics_response(st)
+
+    return metrics_app
+
+
+def _metrics_response(st: ServerState) -> Response:
+    st.metrics.set_gauges(
+        resident=len(st.engine.resident()),
+        queue_depth=st.engine.queue_depth(),
+        in_flight=st.in_flight,
+    )
+    body, content_type = st.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def server_status(st: ServerState, record: KeyRecord | None) -> dict[str, Any]:
+    """What the server serves: base model, resident adapters, and for each registered adapter
+    the version a bare name routes to and its aliases. A key without the metrics scope sees only
+    the models on its allow-list (as in /v1/models)."""
+    from datetime import UTC, datetime
+
+    from loft import __version__
+    from loft.registry import list_models
+    from loft.serve.adapters import served_version
+
+    def visible(name: str) -> bool:
+        return record is None or record.metrics or record.allows(name, is_base=False)
+
+    cfg, base = st.config, st.engine.base
+    adapters = []
+    for m in await asyncio.to_thread(list_models):
+        if not visible(m["name"]):
+            continue
+        version = served_version(m["aliases"], m["latest"], cfg.default_alias)
+        adapters.append({
+            "name": m["name"],
+            "serves": f"{m['name']}:{version}" if version is not None else None,
+            "aliases": {a: f"{m['name']}:{v}" for a, v in m["aliases"].items()},
+            "latest": m["latest"],
+        })  # fmt: skip
+    resident = [r for r in st.engine.resident_details() if visible(r["ref"].rpartition(":")[0])]
+    return {
+        "object": "loft.status",
+        "loft_version": __version__,
+        "state": "draining" if st.draining else "ready",
+        "started": datetime.fromtimestamp(st.started_at, UTC).isoformat(timespec="seconds"),
+        "uptime_s": round(time.time() - st.started_at, 1),
+        "engine": cfg.engine,
+        "base_model": {"name": base.name, "sha256": base.sha256},
+        "default_alias": cfg.default_alias,
+        "alias_refresh_s": cfg.alias_refresh_s,
+        "max_resident_adapters": cfg.max_resident_adapters,
+        "resident": resident,
+        "adapters": adapters,
+        "in_flight": st.in_flight,
+        "queue_depth": st.engine.queue_depth(),
+        "view": "all" if record is None or record.metrics else f"key {record.name}",
+    }
 
 
 async def _visible_models(st: ServerState, record: KeyRecord | None) -> list[dict[str, Any]]:

@@ -120,6 +120,9 @@ class TorchEngine:
     def resident(self) -> list[str]:
         return self.cache.resident() if self.cache else []
 
+    def resident_details(self) -> list[dict[str, Any]]:
+        return self.cache.details() if self.cache else []
+
     def queue_depth(self) -> int:
         return self._pending.qsize() + len(self._active)
 

@@ -12,11 +12,16 @@ wrong secret, so neither the message nor the timing tells the two apart.
 
 Successful lookups are cached in memory for ``CACHE_SECONDS``; a revocation through the same
 ``KeyStore`` drops the cache entry at once, one made by another process is seen within that time.
+
+A key's ``last_used`` time is written at most once per ``LAST_USED_EVERY_S`` per key and process
+(not a write per request), with a short lock timeout: a busy database skips the update, never the
+request. A key with the ``metrics`` scope may read ``/metrics`` and the full ``/v1/loft/status``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -34,8 +39,9 @@ from typing import Any
 
 from loft.core.errors import AuthenticationError, ConfigError, NotFoundError, RateLimitedError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CACHE_SECONDS = 5.0
+LAST_USED_EVERY_S = 60.0
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_RE = re.compile(r"^loft-([0-9a-f]{8})-([A-Za-z0-9_-]{20,128})$")
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([A-Za-z]+)\s*$")
@@ -58,11 +64,23 @@ CREATE TABLE IF NOT EXISTS keys (
     rate TEXT,
     created TEXT NOT NULL,
     expires TEXT,
-    revoked TEXT
+    revoked TEXT,
+    metrics INTEGER NOT NULL DEFAULT 0,
+    last_used TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys(name) WHERE revoked IS NULL;
 """
-_COLUMNS = "id, name, adapters, include_base, rate, created, expires, revoked, salt, hash"
+# schema version -> statements that bring the version before it up to it
+_MIGRATIONS = {
+    2: (
+        "ALTER TABLE keys ADD COLUMN metrics INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE keys ADD COLUMN last_used TEXT",
+    ),
+}
+_COLUMNS = (
+    "id, name, adapters, include_base, rate, created, expires, revoked, metrics, last_used, "
+    "salt, hash"
+)
 _INVALID = "invalid API key"
 _AUTH_HINT = (
     "Send 'Authorization: Bearer loft-<id>-<secret>'; create a key with `loft keys create`."
@@ -116,6 +134,8 @@ class KeyRecord:
     created: str = ""
     expires: str | None = None
     revoked: str | None = None
+    metrics: bool = False  # may read /metrics and the whole /v1/loft/status
+    last_used: str | None = None  # to within LAST_USED_EVERY_S
 
     @property
     def rate_limit(self) -> tuple[int, float] | None:
@@ -144,6 +164,8 @@ class KeyRecord:
             "created": self.created,
             "expires": self.expires,
             "revoked": self.revoked,
+            "metrics": self.metrics,
+            "last_used": self.last_used,
             "status": self.status(now),
         }
 
@@ -162,6 +184,7 @@ class KeyStore:
         self._ready = False
         # id -> (record, salt, hash, cached_at)
         self._cache: dict[str, tuple[KeyRecord, str, str, float]] = {}
+        self._touched: dict[str, float] = {}  # id -> when this process last wrote last_used
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -179,19 +202,39 @@ class KeyStore:
             if self._ready:
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as conn:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"{self.path} has key-store schema version {version}; this loft "
-                        f"understands up to {SCHEMA_VERSION}.",
-                        hint="Upgrade loft, or pass --db with another file.",
-                    )
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            with contextlib.closing(conn):
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.executescript(_SCHEMA)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.commit()
+                conn.execute("BEGIN IMMEDIATE")  # one process creates or migrates at a time
+                try:
+                    self._create_or_migrate(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
             self._ready = True
+
+    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{self.path} has key-store schema version {version}; this loft "
+                f"understands up to {SCHEMA_VERSION}.",
+                hint="Upgrade loft, or pass --db with another file.",
+            )
+        if version == SCHEMA_VERSION:
+            return
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'keys'"
+        ).fetchone()
+        if exists:  # an older store: bring it up to date, keeping every key
+            for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[v]:
+                    conn.execute(statement)
+        else:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def create(
         self,
@@ -201,6 +244,7 @@ class KeyStore:
         include_base: bool = False,
         rate: str | None = None,
         expires: str | None = None,
+        metrics: bool = False,
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and the plaintext key (shown once, never stored)."""
         from loft.registry.names import check_name
@@ -220,8 +264,8 @@ class KeyStore:
                     check_name(a)
                 except ConfigError as e:
                     problems.append(e.message)
-        if not adapters and not include_base:
-            problems.append("the key could reach nothing: give --adapters and/or --base")
+        if not adapters and not include_base and not metrics:
+            problems.append("the key could reach nothing: give --adapters, --base and/or --metrics")
         for text, parse in ((rate, parse_rate), (expires, partial(parse_expires, now=0.0))):
             try:
                 if text:
@@ -249,16 +293,18 @@ class KeyStore:
                 key = f"loft-{kid}-{secrets.token_urlsafe(32)}"
                 try:
                     conn.execute(
-                        f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                         (kid, name, json.dumps(adapters), int(include_base), rate,
-                         _iso(now), expiry, None, salt, _hash(salt, key)),
+                         _iso(now), expiry, None, int(metrics), None, salt, _hash(salt, key)),
                     )  # fmt: skip
                     break
                 except sqlite3.IntegrityError:
                     continue  # an id collision (or a racing create of the same name)
             else:
                 raise ConfigError(f"could not create key {name!r}: is the name already taken?")
-        record = KeyRecord(kid, name, adapters, include_base, rate, _iso(now), expiry, None)
+        record = KeyRecord(
+            kid, name, adapters, include_base, rate, _iso(now), expiry, None, metrics
+        )
         return record, key
 
     def authenticate(self, key: str | None) -> KeyRecord:
@@ -285,12 +331,25 @@ class KeyStore:
                 f"API key {record.name!r} expired at {record.expires}", hint=_AUTH_HINT
             )
         self._cache[kid] = hit
+        self._touch(kid, now)
         return record
+
+    def _touch(self, kid: str, now: float) -> None:
+        """Record ``now`` as the key's last use, at most once per LAST_USED_EVERY_S."""
+        last = self._touched.get(kid)
+        if last is not None and 0 <= now - last < LAST_USED_EVERY_S:
+            return
+        self._touched[kid] = now
+        try:  # a short timeout: a busy database costs a missed update, never a slow request
+            with contextlib.closing(sqlite3.connect(self.path, timeout=0.2)) as conn, conn:
+                conn.execute("UPDATE keys SET last_used = ? WHERE id = ?", (_iso(now), kid))
+        except sqlite3.Error:
+            pass
 
     def _load(self, kid: str, now: float) -> tuple[KeyRecord, str, str, float] | None:
         with self._connect() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (kid,)).fetchone()
-        return None if row is None else (_record(row), row[8], row[9], now)
+        return None if row is None else (_record(row), row[10], row[11], now)
 
     def list_keys(self, include_revoked: bool = False) -> list[KeyRecord]:
         where = "" if include_revoked else "WHERE revoked IS NULL"
@@ -316,15 +375,24 @@ class KeyStore:
             when = _iso(self._clock())
             conn.execute("UPDATE keys SET revoked = ? WHERE id = ?", (when, row[0]))
         self._cache.pop(row[0], None)
-        r = _record(row)
-        return KeyRecord(
-            r.id, r.name, r.adapters, r.include_base, r.rate, r.created, r.expires, when
-        )
+        return dataclasses.replace(_record(row), revoked=when)
 
 
 def _record(row: tuple[Any, ...]) -> KeyRecord:
-    kid, name, adapters, base, rate, created, expires, revoked = row[:8]
-    return KeyRecord(kid, name, json.loads(adapters), bool(base), rate, created, expires, revoked)
+    kid, name, adapters, base, rate, created, expires, revoked, metrics, last_used = row[:10]
+    return KeyRecord(
+        kid, name, json.loads(adapters), bool(base), rate, created, expires, revoked,
+        bool(metrics), last_used,
+    )  # fmt: skip
+
+
+def unknown_adapters(names: list[str]) -> tuple[list[str], list[str]]:
+    """(names not registered, every registered name): a key may name an adapter registered later,
+    so callers warn rather than refuse. ``*`` is never unknown."""
+    from loft.registry import list_models
+
+    registered = [m["name"] for m in list_models()]
+    return [n for n in names if n != "*" and n not in registered], registered
 
 
 class RateLimiter:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loft.core.errors import ConfigError, LoftError, RequestTooLargeError, http_status_for
+from loft.core.errors import ConfigError, LoftError, http_status_for
 from loft.core.specs import ServeConfig
 from loft.serve.types import SamplingParams, Target
 
@@ -265,11 +265,22 @@ def _code(err: LoftError) -> str:
     return name.removesuffix("_error") or "error"
 
 
+def _sentence(text: str) -> str:
+    """``'missing API key'`` -> ``'missing API key.'``, so a hint after it reads as its own."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else f"{text}."
+
+
+def error_message(err: LoftError) -> str:
+    """The error's message and hint as one line of separate sentences."""
+    return err.message if not err.hint else f"{_sentence(err.message)} {err.hint.strip()}"
+
+
 def error_body(err: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, OpenAI-style error body, headers) for ``err``; status from the one error table."""
     if isinstance(err, LoftError):
         status = http_status_for(err)
-        message = err.message if not err.hint else f"{err.message} {err.hint}"
+        message = error_message(err)
         code: str | None = _code(err)
     else:
         status, message, code = 500, "internal server error; see the server log", "internal"
@@ -293,15 +304,18 @@ def error_body(err: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
 def sampling_params(
     cfg: ServeConfig, req: ChatCompletionRequest | CompletionRequest
 ) -> SamplingParams:
-    """The engine's sampling settings; RequestTooLargeError / InvalidRequestError over limits."""
+    """The engine's sampling settings; InvalidRequestError (400, as OpenAI answers) over a limit
+    of the server, naming the field."""
     max_tokens = req.requested_max_tokens() or cfg.default_max_tokens
     if max_tokens > cfg.max_tokens_limit:
-        err = RequestTooLargeError(
-            f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens_limit} "
-            "(max_tokens_limit)."
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else None
+        field = field or "max_tokens"
+        raise InvalidRequestError(
+            f"{field} {max_tokens} is over this server's limit of {cfg.max_tokens_limit} "
+            "(max_tokens_limit).",
+            param=field,
+            hint=f"Ask for at most {cfg.max_tokens_limit} tokens.",
         )
-        err.param = "max_tokens"  # type: ignore[attr-defined]
-        raise err
     if req.n > cfg.max_n:
         raise InvalidRequestError(
             f"n={req.n} is over this server's limit of {cfg.max_n} (max_n).", param="n"

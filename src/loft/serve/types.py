@@ -84,6 +84,10 @@ class Engine(Protocol):
     def resident(self) -> list[str]:
         """Refs (``name:N``) of adapters currently resident, most recently used last."""
 
+    def resident_details(self) -> list[dict[str, Any]]:
+        """Each resident adapter, most recently used last: ``ref``, ``sha256``, ``pinned`` and
+        ``in_use`` (requests holding it)."""
+
     def queue_depth(self) -> int:
         """Sequences waiting for or in a batch."""
 
