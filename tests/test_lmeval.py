@@ -170,3 +170,21 @@ def test_cli_eval_shows_lm_eval_row(loft_home: Path, tiny_model: Path, tmp_path:
 def test_custom_task_on_smollm2(smollm2):
     out = lmeval.run_lm_eval("smollm2-135m-instruct", [TASK], include_path=EXAMPLES, limit=20)
     assert out == pytest.approx(_scored_by_hand("smollm2-135m-instruct", 20))
+
+
+@pytest.mark.integration
+def test_lm_eval_output_is_quiet_outside_a_checkout(tiny_model: Path, tmp_path: Path):
+    """lm-eval as loft runs it prints none of its own chatter: no warnings, no bars under -q, no
+    `fatal: not a git repository` from its `git describe` when run outside a git checkout."""
+    from helpers import run_loft
+
+    data = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}]
+    data.write_text(json.dumps({"messages": msgs}) + "\n")
+    args = ["eval", str(tiny_model), "--data", str(data), "--metrics", "eval_loss", "-q"]
+    args += ["--lm-eval", TASK, "--lm-eval-include", str(EXAMPLES), "--lm-eval-limit", "2"]
+    r = run_loft(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{TASK}/acc" in r.stdout
+    for noise in ("fatal:", "it/s]", "Warning", "WARNING", "`pretrained` model kwarg"):
+        assert noise not in r.stderr, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -555,17 +556,18 @@ def test_auto_precision_and_checkpointing_are_what_the_loop_runs(tmp_path, tiny_
     assert res.summary["placement"].endswith(f"{precision}, gradient checkpointing {checkpoints}")
 
 
-@pytest.mark.unit
-def test_quiet_train_still_names_the_version_it_became(tmp_path, tiny_model, loft_home, capsys):
-    from helpers import run_cli
-
+@pytest.mark.integration
+def test_quiet_train_still_names_the_version_it_became(tmp_path, tiny_model, loft_home):
+    """`loft train -q` as users run it: no progress, no library deprecation notices, but the
+    version it became, and losses printed to 4 places."""
     cfg = tiny_config(tmp_path, tiny_model, max_steps=1)
     cfg["register"] = {"name": "quiet-bot"}
-    assert run_cli("train", str(_write_yaml(tmp_path / "q.yaml", cfg)), "-q") == 0
-    out = capsys.readouterr()
-    assert "registered as quiet-bot:1" in out.err
-    assert "step 1/1" not in out.err  # -q: no progress
-    assert "train loss" in out.out
+    r = run_loft("train", str(_write_yaml(tmp_path / "q.yaml", cfg)), "-q")
+    assert r.returncode == 0, r.stderr
+    assert "registered as quiet-bot:1" in r.stderr
+    assert "step 1/1" not in r.stderr  # -q: no progress
+    assert "FutureWarning" not in r.stderr  # PEFT's deprecation notice stays out
+    assert re.search(r"train loss \d+\.\d{4}, eval loss (\d+\.\d{4}|-),", r.stdout), r.stdout
 
 
 @pytest.mark.unit

@@ -243,6 +243,9 @@ def run_server(cfg: Any, *, host: str, port: int, auth: bool) -> None:
         from loft.serve.keys import KeyStore
 
         keys = KeyStore(Path(cfg.keys_db).expanduser() if cfg.keys_db else None) if auth else None
+        from loft.cli.output import err_console
+
+        err_console.print(f"loading {cfg.base_model} ({cfg.engine} engine) …", soft_wrap=True)
         eng = make_engine(cfg)
         eng.start()  # a LoftError here (vLLM without a GPU, bad base) exits 2 with no traceback
         try:

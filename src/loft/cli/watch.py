@@ -39,7 +39,9 @@ def register(root: typer.Typer) -> None:
         from loft.evaluate.continuous import check_alias
 
         wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
-        result = check_alias(ref, data, gate, rollback=rollback, metrics=wanted)
+        result = check_alias(
+            ref, data, gate, rollback=rollback, metrics=wanted, progress=not json_out
+        )
         if json_out:
             print_json(result)
         else:
