@@ -108,6 +108,16 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def remove_dir(path: Path) -> None:
+    """Remove a directory so that it is never seen half-deleted: rename it to a hidden name
+    first (readers skip ``.*``), then delete that."""
+    path = Path(path)
+    doomed = path.with_name(f".removing-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (flock) on ``path``, so concurrent processes do work once.

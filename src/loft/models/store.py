@@ -11,7 +11,6 @@ Only safetensors weights are ever loaded: pickle checkpoints (*.bin, *.pt) can r
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError, HardwareError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, fsync_dir, models_dir, read_json_object
+from loft.core.paths import atomic_dir, models_dir, read_json_object, remove_dir
 from loft.models.builtin import BUILTIN_NAME, builtin_dir, ensure_builtin, reconvert_hint
 from loft.models.manifest import (
     MANIFEST,
@@ -287,10 +286,7 @@ def remove_model(name: str) -> Path:
             hint="`loft models list` shows the models loft stores; a local directory or a hub "
             "id is not loft's to remove.",
         )
-    doomed = final.with_name(f".removing-{name}-{os.getpid()}")
-    os.replace(final, doomed)
-    fsync_dir(final.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_dir(final)
     return final
 
 

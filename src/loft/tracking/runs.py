@@ -124,10 +124,8 @@ def delete_run(ref: str | Path, *, force: bool = False) -> dict[str, Any]:
     Registered versions are copies under LOFT_HOME/registry and are not touched. A run whose
     summary still says "running" is refused unless ``force`` (its process may be alive; a run
     killed without a chance to say so looks the same)."""
-    import shutil
-
     from loft.core.errors import ConfigError
-    from loft.core.paths import fsync_dir
+    from loft.core.paths import remove_dir
 
     d = find_run_dir(ref)
     summary = _read_json(d / SUMMARY_FILE) or {}
@@ -139,10 +137,7 @@ def delete_run(ref: str | Path, *, force: bool = False) -> dict[str, Any]:
             hint="Stop it first (Ctrl-C or SIGTERM saves a checkpoint). If its process is gone "
             "(killed or crashed), pass --force.",
         )
-    doomed = d.with_name(f".deleting-{d.name}-{os.getpid()}")
-    os.replace(d, doomed)
-    fsync_dir(d.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_dir(d)
     out: dict[str, Any] = {
         "run_id": d.name,
         "path": str(d),
