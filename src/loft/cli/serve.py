@@ -271,9 +271,10 @@ def _serve(
     import uvicorn
 
     from loft.cli.output import console, err_console
-    from loft.serve.app import begin_drain, create_app, create_metrics_app
+    from loft.serve.app import begin_drain, create_app
     from loft.serve.audit import AuditLog, default_audit_path
     from loft.serve.metrics import Metrics
+    from loft.serve.operator import create_metrics_app
 
     host = api_sock.getsockname()[0]
     audit = AuditLog(default_audit_path(cfg), cfg.log_prompts)
