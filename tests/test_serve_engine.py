@@ -386,23 +386,45 @@ def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(engine, s
         joins.append((len(self.live), len(other.live)))
         return real_join(self, other)
 
+    # beta resident first, so the newcomer needs no load (verify, copy into a slot) while the
+    # first request decodes
+    asyncio.run(_complete(engine, "beta", PROMPT[:2], max_tokens=1, temperature=0))
+    real_admit = engine._admit
+    held = []
+
+    def admit_both_newcomers_together(n_live: int):
+        """When the first newcomer is queued, wait (bounded) for the second, so both join the
+        running request at the same token however the two happen to be scheduled."""
+        if engine._pending.qsize() and not held:
+            held.append(n_live)
+            deadline = time.monotonic() + 60
+            while engine._pending.qsize() < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return real_admit(n_live)
+
     async def run():
         first = asyncio.ensure_future(
             _complete(engine, "alpha", PROMPT, max_tokens=40, temperature=0)
         )
-        while engine.queue_depth() == 0:  # wait until the first batch is decoding
+        # the worker has taken the first request off the queue and is decoding it (newcomers
+        # queued before that would share its initial batch instead of joining it)
+        while not engine._active or engine._pending.qsize():
             await asyncio.sleep(0.001)
-        await asyncio.sleep(0.01)
-        later = [
-            _complete(engine, "beta", long_prompt, max_tokens=5, temperature=0),
-            _complete(engine, str(served["base"]), PROMPT[:3], max_tokens=7, temperature=0),
+        later = [  # tasks, so they run now, while the first is decoding (not after it)
+            asyncio.ensure_future(
+                _complete(engine, "beta", long_prompt, max_tokens=5, temperature=0)
+            ),
+            asyncio.ensure_future(
+                _complete(engine, str(served["base"]), PROMPT[:3], max_tokens=7, temperature=0)
+            ),
         ]
         return [await first, *(await asyncio.gather(*later))]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_mod._Batch, "join", counting_join)
+        mp.setattr(engine, "_admit", admit_both_newcomers_together)
         got = asyncio.run(run())
-    assert joins and joins[0][0] == 1  # the newcomers joined the running request
+    assert joins[0] == (1, 2)  # both newcomers joined the running request mid-decode
     assert got[0][1] == _peft_greedy(served["base"], served["alpha"], PROMPT, 40)
     assert got[1][1] == _peft_greedy(served["base"], served["beta"], long_prompt, 5)
     assert got[2][1] == _peft_greedy(served["base"], None, PROMPT[:3], 7)
