@@ -163,27 +163,27 @@ def measure_missing(
     from loft.registry.evaluations import comparable, entries_of, latest
 
     have = entries_of(other.card)
-    groups: dict[tuple[str, str, int], tuple[dict[str, Any], list[str]]] = {}
+    # (path, fingerprint, records, max_new_tokens or None for loss metrics) -> metrics
+    groups: dict[tuple[str, str, int, int | None], list[str]] = {}
     why_not: dict[str, str] = {}
     for metric in dict.fromkeys(metrics):
         newest = latest(candidate, metric)
-        if newest is None or comparable([newest], have, metric) is not None:
+        if newest is None or comparable(newest, have) is not None:
             continue
-        on = dict(newest["on"])
+        on = newest["on"]
         why = reproducible(on)
         if why is not None:
             why_not[metric] = why
             continue
-        key = (str(on["path"]), str(on["fingerprint"]), int(on["records"]))
-        group = groups.setdefault(key, (on, []))
-        group[1].append(metric)
         tokens = (on.get("settings") or {}).get("max_new_tokens")
-        if tokens is not None:
-            group[0].setdefault("settings", {})["max_new_tokens"] = tokens
-    for (path, _fp, n), (on, wanted) in groups.items():
-        tokens = (on.get("settings") or {}).get("max_new_tokens") or 64
+        groups.setdefault((on["path"], on["fingerprint"], on["records"], tokens), []).append(metric)
+    for key in [k for k in groups if k[3] is None]:  # loss metrics ride with a generation run
+        ride = next((k for k in groups if k[:3] == key[:3] and k[3] is not None), None)
+        if ride is not None:
+            groups[ride] += groups.pop(key)
+    for (path, _fp, n, tokens), wanted in groups.items():
         evaluate_model(
-            _label(other), path, metrics=wanted, n=n, max_new_tokens=tokens,
+            _label(other), path, metrics=wanted, n=n, max_new_tokens=tokens or 64,
             progress=progress, source=source,
         )  # fmt: skip
     return why_not
@@ -217,15 +217,14 @@ def gate_on_entries(
             (row,) = evaluate_gate([check], values, None).checks
             rows.append(_on(row, newest))
             continue
-        pair = comparable([newest], champ, check.metric)
-        if pair is None:
+        theirs = comparable(newest, champ)
+        if theirs is None:
             rows.append(_not_comparable(check, newest, champ, champion, why_not))
             continue
-        mine, theirs = pair
         (row,) = evaluate_gate(
-            [check], {check.metric: mine["value"]}, {check.metric: theirs["value"]}
+            [check], {check.metric: newest["value"]}, {check.metric: theirs["value"]}
         ).checks
-        rows.append(_on(row, mine))
+        rows.append(_on(row, newest))
     return GateResult(rows)
 
 

@@ -110,17 +110,16 @@ def latest_values(entries: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def comparable(
-    candidate: list[Mapping[str, Any]], champion: list[Mapping[str, Any]], metric: str
-) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-    """The newest pair (candidate entry, champion entry) of ``metric`` on the same basis."""
-    by_basis: dict[str, Mapping[str, Any]] = {}
-    for e in champion:
-        if e["metric"] == metric and e.get("basis"):
-            by_basis[e["basis"]] = e  # newest wins
-    for e in reversed(candidate):
-        if e["metric"] == metric and e.get("basis") in by_basis:
-            return e, by_basis[e["basis"]]
-    return None
+    entry: Mapping[str, Any], others: Iterable[Mapping[str, Any]]
+) -> Mapping[str, Any] | None:
+    """The newest of ``others`` measuring ``entry``'s metric on ``entry``'s basis (None when
+    there is none, or ``entry`` has no basis)."""
+    basis = entry.get("basis")
+    found = None
+    for e in others:
+        if basis and e["metric"] == entry["metric"] and e.get("basis") == basis:
+            found = e
+    return found
 
 
 def describe(on: Mapping[str, Any] | None) -> str:

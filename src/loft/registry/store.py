@@ -367,8 +367,9 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
     """Delete ``NAME:VERSION``: refused while an alias points at it. MLflow forgets the version
     first (from then on nothing resolves it); its folder keeps only ``DELETED.json`` (who, when,
     why, its digest), so the number is never reused and the history stays readable."""
-    import getpass
     from datetime import UTC, datetime
+
+    from loft.registry.aliases import _who, append_history
 
     name, alias, version = parse_ref(ref)
     if version is None:
@@ -386,12 +387,8 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
             f"alias {name}:OTHER --to {holding[0]}`), then delete.",
         )
     mv = get_version(f"{name}:{version}", verify=False)
-    try:
-        who = actor or getpass.getuser()
-    except (KeyError, OSError):
-        who = "unknown"
     entry = {
-        "who": who,
+        "who": _who(actor),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "deleted": version,
         "why": reason,
@@ -403,8 +400,6 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
         for p in mv.path.iterdir():
             if p.name != TOMBSTONE:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        from loft.registry.aliases import append_history
-
         append_history(name, entry)
     return entry
 
