@@ -139,7 +139,7 @@ def test_plan_without_data_or_with_shape_flags_says_it_fell_back(tmp_path, tiny_
     assert "data.max_seq_len 256" in a["from"]["micro_batch_tokens"]
     # the placement is still the trainer's
     assert a["placement"] == placement.describe()
-    assert a["precision"] == ("bf16" if placement.autocast_bf16 else "fp32")
+    assert a["precision"] == placement.precision
 
     _chat_file(tmp_path / "chats.jsonl", 24)
     flagged = _plan_json(capsys, str(path), "--seq-len", "64")

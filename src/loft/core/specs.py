@@ -100,8 +100,16 @@ class TrainingSpec(Strict):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="auto: on for GPUs, off on CPUs."
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 where the hardware has native bf16, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 where the hardware has it natively (Ampere+ GPUs, AVX512-BF16/AMX "
+        "CPUs), else fp16 with a gradient scaler on a GPU, fp32 on a CPU. fp16: CUDA only.",
+    )
+    deterministic: bool = Field(
+        False,
+        description="Deterministic algorithms (torch.use_deterministic_algorithms, "
+        "CUBLAS_WORKSPACE_CONFIG): a resumed GPU run is bit-exact with an uninterrupted one, at "
+        "some speed; a CPU run is deterministic without it.",
     )
 
 

@@ -35,8 +35,11 @@ def pack_batch(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "attention_mask": None,
-        # example boundaries, as flash-attn varlen names them: read by loft's packed attention
+        # example boundaries, as flash-attn varlen names them: read by loft's packed attention;
+        # also as Python ints, so that attention on a GPU never reads them back from the device
         "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "seq_bounds": tuple(cu),
+        "max_length": max(b - a for a, b in zip(cu, cu[1:], strict=False)),
         "num_tokens": len(ids),
     }
 

@@ -6,16 +6,49 @@ backward (for 8 packed chat examples of ~110 tokens: ~90 MB per layer, ~2.7 GB f
 layers) and computes attention for every pair of examples only to mask it away. Here each example
 gets its own causal SDPA call with no mask, so the fused (flash) kernel runs and memory is per
 example. Registered with transformers' AttentionInterface; the trainer selects it when packing.
+
+On CUDA with flash-attn installed, the whole row is one ``flash_attn_varlen_func`` call (one
+kernel launch per layer instead of one per example). The example boundaries travel twice: as the
+int32 ``cu_seq_lens_q`` tensor on the device (what the varlen kernel reads) and as
+``loft_seq_bounds``, a tuple of Python ints made by the collator on the CPU, which the per-example
+path slices by. Reading boundaries out of a CUDA tensor (``.tolist()``) would stall the GPU in every
+layer of every step.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 NAME = "loft_packed"
+BOUNDS_KEY = "loft_seq_bounds"
+
+_HALF = (torch.float16, torch.bfloat16)
+_flash: list[Callable[..., torch.Tensor] | None] = []  # resolved once: the kernel, or None
+
+
+def flash_varlen() -> Callable[..., torch.Tensor] | None:
+    """flash-attn's varlen kernel when the package is installed (GPU extra), else None."""
+    if not _flash:
+        fn = None
+        if importlib.util.find_spec("flash_attn") is not None:
+            try:
+                from flash_attn import flash_attn_varlen_func as fn
+            except ImportError:  # installed for another torch/CUDA build: use SDPA instead
+                fn = None
+        _flash.append(fn)
+    return _flash[0]
+
+
+def use_flash(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The varlen kernel for this call, or None: CUDA, fp16/bf16 inputs and flash-attn present."""
+    if not query.is_cuda or query.dtype not in _HALF:
+        return None
+    return flash_varlen()
 
 
 def packed_attention(
@@ -43,21 +76,41 @@ def packed_attention(
         out = F.scaled_dot_product_attention(
             query, key, value, dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa
         )
-    else:
-        bounds = cu.tolist()
-        parts = [
-            F.scaled_dot_product_attention(
-                query[:, :, s:e],
-                key[:, :, s:e],
-                value[:, :, s:e],
-                dropout_p=p,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=gqa,
-            )
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        out = torch.cat(parts, dim=2)
+        return out.transpose(1, 2).contiguous(), None
+    flash = use_flash(query)
+    if flash is not None and query.shape[0] == 1:
+        longest = kwargs.get("max_length_q")
+        if longest is None:  # one sync; the trainer always passes it
+            longest = int((cu[1:] - cu[:-1]).max())
+        out = flash(
+            query[0].transpose(0, 1),  # [L, H, D]
+            key[0].transpose(0, 1),
+            value[0].transpose(0, 1),
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=longest,
+            max_seqlen_k=longest,
+            dropout_p=p,
+            softmax_scale=scaling,
+            causal=True,
+        )
+        return out.unsqueeze(0), None
+    bounds = kwargs.get(BOUNDS_KEY)
+    if bounds is None:
+        bounds = cu.tolist()  # a sync on CUDA: the trainer passes the CPU bounds instead
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=p,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=gqa,
+        )
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    out = torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 

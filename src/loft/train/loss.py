@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from loft.data.packing import IGNORE_INDEX
+from loft.train.attention import BOUNDS_KEY, NAME
 
 
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -30,10 +31,14 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     head = lm.get_output_embeddings()
     extra: dict[str, Any] = {}
     cu = batch.get("cu_seq_lens")
-    if cu is not None and lm.config._attn_implementation == "loft_packed":
-        longest = int((cu[1:] - cu[:-1]).max())
+    if cu is not None and lm.config._attn_implementation == NAME:
+        longest = batch.get("max_length")
+        if longest is None:
+            longest = int((cu[1:] - cu[:-1]).max())
         extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest}
         extra["max_length_k"] = longest
+        if (bounds := batch.get("seq_bounds")) is not None:
+            extra[BOUNDS_KEY] = bounds
     out = decoder(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -10,12 +11,25 @@ from loft.core.specs import TrainConfig
 from loft.train.device import Placement
 
 
+def load_dtypes(method: str, placement: Placement) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype the base is loaded in, compute dtype) for ``method`` under ``placement``.
+
+    Trained weights stay fp32 (full fine-tuning keeps fp32 master weights under autocast; PEFT
+    keeps adapters in fp32). A frozen base on a GPU is loaded in the compute dtype, bf16 or fp16
+    (GPUs without native bf16); on a CPU in fp32, which autocast casts per matmul. QLoRA's 4-bit
+    matmuls dequantise to the compute dtype.
+    """
+    compute = placement.autocast_dtype or torch.float32
+    frozen_on_gpu = placement.device == "cuda" and method != "full"
+    return (compute if frozen_on_gpu else torch.float32), compute
+
+
 def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.nn.Module:
     from loft.models import load_causal_lm
 
     method = config.method
     kwargs: dict[str, Any] = {}
-    dtype = torch.float32
+    dtype, compute = load_dtypes(method, placement)
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -23,12 +37,9 @@ def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.n
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": 0}
-        dtype = torch.bfloat16
-    elif placement.device == "cuda" and method != "full" and placement.autocast_bf16:
-        dtype = torch.bfloat16  # frozen base in bf16; PEFT keeps adapter weights in fp32
     model = load_causal_lm(info, dtype=dtype, **kwargs)
     if config.data.packing:
         from loft.train.attention import register
@@ -38,13 +49,9 @@ def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.n
         model.to(placement.device)
     model.config.use_cache = False
     if method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=placement.gradient_checkpointing
-        )
+        model = prepare_kbit(model, placement)
     elif placement.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if method == "full":
         model.requires_grad_(True)
         return model
@@ -63,7 +70,51 @@ def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.n
     return get_peft_model(model, peft_config)
 
 
+# Non-reentrant checkpointing: the reentrant mode needs inputs that require grad (PEFT's hook),
+# breaks with unused parameters and is deprecated; torch warns when the choice is left implicit.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing, non-reentrant (transformers 5.x renamed the method)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS))
+
+
+def prepare_kbit(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """PEFT's k-bit preparation (freeze, upcast the unquantised parameters to fp32), with the
+    checkpointing mode passed explicitly: given no kwargs, PEFT passes ``{}`` on to transformers,
+    whose ``use_reentrant=False`` default then never applies, and torch falls to the reentrant
+    mode with a warning that it will become an error."""
+    import warnings
+
+    from peft import prepare_model_for_kbit_training
+
+    with warnings.catch_warnings():  # PEFT calls transformers 5's deprecated alias; not ours
+        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated")
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=placement.gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(CHECKPOINT_KWARGS),
+        )
+
+
+def param_count(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: a bitsandbytes 4-bit parameter stores two weights per
+    byte (``numel`` counts the packed bytes); its quant_state keeps the unpacked shape."""
+    qs = getattr(p, "quant_state", None)
+    shape = getattr(qs, "shape", None)
+    if shape is not None:
+        return math.prod(shape)
+    if getattr(p, "bnb_quantized", False):  # packed into quant_storage elements (uint8 default)
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(param_count(p) for p in model.parameters())
     return trainable, total

@@ -130,7 +130,7 @@ def run_settings(
         seq_len=seq_len,
         packing=packing,
         gradient_checkpointing=placement.gradient_checkpointing,
-        precision="bf16" if placement.autocast_bf16 else "fp32",
+        precision=placement.precision,
         logit_fraction=logit_fraction,
     )
 
@@ -190,8 +190,8 @@ def placement_reasons(config: TrainConfig, placement: Placement) -> dict[str, st
     if t.precision != "auto":
         precision = f"training.precision {t.precision} in the config"
     elif cuda:
-        has = "supports" if placement.autocast_bf16 else "does not support"
-        precision = f"training.precision auto: this GPU {has} bf16"
+        why = placement.precision_note or "native on this GPU"
+        precision = f"training.precision auto: {placement.precision} ({why})"
     else:
         has = "has" if cpu_supports_bf16() else "has no"
         precision = f"training.precision auto: this CPU {has} native bf16 (AVX512-BF16/AMX)"

@@ -27,7 +27,13 @@ from loft.core.specs import RegisterSpec, TrainConfig
 from loft.data.packing import collate, count_label_tokens
 from loft.train import rundir
 from loft.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from loft.train.device import Placement, peak_memory_bytes, plan_placement
+from loft.train.device import (
+    Placement,
+    determinism,
+    determinism_error,
+    peak_memory_bytes,
+    plan_placement,
+)
 from loft.train.loss import loss_sum
 from loft.train.model_setup import build_model, count_params
 from loft.train.preflight import refuse_if_too_big, run_preflight
@@ -112,9 +118,10 @@ def train(
     summary.update(method=config.method, base_model=config.base_model, run_dir=str(run_dir))
     rundir.write_summary(run_dir, summary)
     try:
-        return _train(
-            config, run_dir, summary, placement, resume, progress, tracker, started, force
-        )
+        with determinism(placement):  # before the model is built: cuBLAS reads it at its start
+            return _train(
+                config, run_dir, summary, placement, resume, progress, tracker, started, force
+            )
     except BaseException as e:
         if rundir.read_summary(run_dir).get("status") == "running":  # failed before the loop
             interrupted = isinstance(e, KeyboardInterrupt | TrainingInterrupted)
@@ -190,6 +197,8 @@ def _train(
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loop = _Loop(config, model, optimizer, scheduler, plan, placement, pad_id, tracker)
+    if loop.scaler is not None and state.get("grad_scaler"):
+        loop.scaler.load_state_dict(state["grad_scaler"])
     bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
     if resumed_from:
         bar.note(
@@ -209,6 +218,10 @@ def _train(
         status = "completed"
     except TrainingInterrupted:
         status = "interrupted"
+        raise
+    except RuntimeError as e:
+        if (err := determinism_error(e, placement)) is not None:
+            raise err from e
         raise
     finally:
         bar.close()
@@ -239,10 +252,13 @@ class _Loop:
         self.session_tokens = 0
         self.session_s = 0.0
         self.steps_run = 0  # optimizer steps taken by this process
+        # fp16 autocast (GPUs without native bf16): scale the loss so small gradients survive
+        self.scaler = torch.amp.GradScaler(placement.device) if placement.grad_scaler else None
 
     def _autocast(self):
-        if self.placement.autocast_bf16:
-            return torch.autocast(self.placement.device, dtype=torch.bfloat16)
+        dtype = self.placement.autocast_dtype
+        if dtype is not None:
+            return torch.autocast(self.placement.device, dtype=dtype)
         return contextlib.nullcontext()
 
     def _batch(self, rows: list[dict], idx: list[int]) -> dict[str, Any]:
@@ -258,17 +274,25 @@ class _Loop:
         batches = [self._batch(rows, mb) for mb in self.plan.micro_batches(step)]
         n_total = sum(count_label_tokens(b) for b in batches)
         total_loss = 0.0
+        scaler = self.scaler
         for b in batches:
             with self._autocast():
                 ls, _ = loss_sum(self.model, b)
-            (ls / max(n_total, 1)).backward()
+            scaled = ls / max(n_total, 1)
+            (scaler.scale(scaled) if scaler else scaled).backward()
             total_loss += float(ls.detach())
+        if scaler:
+            scaler.unscale_(self.opt)  # clip the true gradients
         clip = self.config.training.max_grad_norm
         if clip:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], clip
             )
-        self.opt.step()
+        if scaler:
+            scaler.step(self.opt)  # skips the step when a gradient overflowed
+            scaler.update()
+        else:
+            self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return total_loss / max(n_total, 1), sum(b["num_tokens"] for b in batches)
@@ -328,6 +352,8 @@ class _Loop:
 
     def _save(self, run_dir: Path, step: int, state: dict, recent: deque) -> None:
         state["recent_losses"] = list(recent)
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(
             run_dir,
             step=step,
