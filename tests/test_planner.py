@@ -127,6 +127,33 @@ def test_qlora_weights_and_constants_by_hand():
 
 
 @pytest.mark.unit
+def test_qlora_activations_between_projections_are_fp32_by_hand():
+    """peft's prepare_model_for_kbit_training upcasts embeddings and norms to fp32, so the
+    residual stream, the norms' outputs and what the 4-bit projections return (their input's
+    dtype: the MLP intermediates) are fp32; attention keeps bf16 q, k, v and output."""
+    s = RunSettings(
+        method="qlora", lora_rank=2, lora_dropout=0.0, micro_batch=1, seq_len=4,
+        gradient_checkpointing=False, device="cuda",
+    )  # fmt: skip
+    # per layer per token: norms 2 x 2 copies x 8 = 32 and SwiGLU 4 x 16 = 64 elements x 4 B
+    # = 384; q, k, v, out (2*2 + 2*1) x 4 = 24 elements x 2 B = 48. Adapters (no dropout: the
+    # cast to fp32): inputs 8+8+8+8+8+8+16 = 64 x 4 B + 7 modules x rank 2 x 4 B = 312 -> 744
+    layer = (32 + 64) * 4 + 24 * 2 + (64 * 4 + 7 * 2 * 4)
+    assert layer == 744
+    ends = 2 * 4 * 8 * 4  # embedding output and final norm, fp32: 256
+    b = estimate(TINY, s).breakdown
+    assert b["activations"] == 2 * 4 * layer + ends == 6208
+    # checkpointing keeps each layer's input (the fp32 residual) and recomputes one layer
+    ckpt = estimate(TINY, s.with_(gradient_checkpointing=True)).breakdown
+    assert ckpt["activations"] == 2 * 4 * 8 * 4 + 4 * layer + ends == 3488
+    # the LM head (fp32 after the upcast) runs under autocast: bf16 logits + two fp32 copies
+    assert b["logits"] == 4 * 10 * (2 + 2 * 4) == 400
+    # LoRA on a bf16 base keeps all of them in bf16: (32 + 64 + 24) x 2 + 312, ends 2 x 4 x 8 x 2
+    lora = estimate(TINY, s.with_(method="lora")).breakdown
+    assert lora["activations"] == 2 * 4 * (120 * 2 + 312) + 128
+
+
+@pytest.mark.unit
 def test_flops_per_token_by_hand():
     # N (matmul) = 2 layers * 576 + LM head 80 = 1232; attention A = 4*2 layers*2 heads*4*seq 4
     # = 256. Full: 6N + 3A = 7392 + 768 = 8160; checkpointing adds 2N + A = 2720 -> 10880.

@@ -56,6 +56,13 @@ QUANT_CONSTANT_BYTES = 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)
 # loft's QLoRA recipe calls peft.prepare_model_for_kbit_training, which upcasts every parameter
 # bitsandbytes did not quantise (embeddings, LM head, norms, biases) to fp32
 QLORA_UNQUANTISED_BYTES = 4
+# ... and so the activations those parameters produce are fp32 too, whatever the compute dtype: the
+# embedding output, every residual (the checkpoint boundaries), every norm output (fp32 weight x
+# fp32 input), and the outputs of the 4-bit projections fed by them, because bitsandbytes'
+# Linear4bit computes in bf16 and returns its input's dtype (the MLP's gate, up, silu(gate) and
+# product; MoE router logits). Attention is the exception: SDPA autocasts q, k, v to bf16 and
+# keeps those, and its output (bf16) is what o_proj sees.
+QLORA_ACTIVATION_BYTES = 4
 MASTER_WEIGHT_BYTES = 4  # fp32 master copy for full fine-tuning with bf16/fp16 weights
 # optimizer state per trainable parameter; adafactor is factored (rows + columns per matrix)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw-8bit": 2, "paged-adamw-8bit": 2, "sgd": 4}
@@ -127,17 +134,25 @@ def _adapter_params(arch: Arch, mods: list[Linear], rank: int, dora: bool) -> tu
     return total * arch.num_layers, active * arch.num_layers
 
 
+def _stream_bytes(s: RunSettings) -> int:
+    """Bytes per element of the hidden states between the projections: the embedding output,
+    residuals, norm outputs and MLP intermediates. The compute dtype's, except under QLoRA, whose
+    unquantised parameters are fp32 (``QLORA_ACTIVATION_BYTES``)."""
+    return QLORA_ACTIVATION_BYTES if s.method == "qlora" else s.compute_bytes
+
+
 def _layer_activation_bytes(arch: Arch, s: RunSettings, mods: list[Linear]) -> float:
     """Bytes one decoder layer keeps for backward, per token position."""
-    b = s.compute_bytes
+    b, wide = s.compute_bytes, _stream_bytes(s)
     h, hd = arch.hidden_size, arch.head_dim
     k = min(arch.experts_per_token, arch.num_experts)
     elems = arch.norms_per_layer * NORM_SAVED_COPIES * h
-    elems += (2 * arch.num_heads + 2 * arch.num_kv_heads) * hd  # q, k, v (after RoPE), attn out
     elems += MLP_SAVED_COPIES * arch.intermediate_size * k
     if arch.num_experts > 1:
         elems += 2 * arch.num_experts  # router logits and routing weights
-    out = elems * b
+    out = elems * wide
+    # q, k, v (after RoPE) and the attention output, as attention keeps them: the compute dtype
+    out += (2 * arch.num_heads + 2 * arch.num_kv_heads) * hd * b
     if s.device == "cpu" and not s.packing:
         out += ATTN_SCORE_COPIES * arch.num_heads * s.seq_len * b
     if s.adapters:
@@ -236,12 +251,12 @@ def estimate(arch: Arch, settings: RunSettings) -> Estimate:
     weights += gathered
 
     tokens = s.tokens_per_micro_batch
-    b = s.compute_bytes
+    b, wide = s.compute_bytes, _stream_bytes(s)
     layer = _layer_activation_bytes(arch, s, mods)
-    ends = 2 * tokens * arch.hidden_size * b  # embedding output and final norm
+    ends = 2 * tokens * arch.hidden_size * wide  # embedding output and final norm
     all_layers = arch.num_layers * tokens * layer + ends  # every layer's, as without checkpointing
-    if s.gradient_checkpointing:
-        acts = arch.num_layers * tokens * arch.hidden_size * b + tokens * layer + ends
+    if s.gradient_checkpointing:  # each layer's input (the residual stream) + one layer recomputed
+        acts = arch.num_layers * tokens * arch.hidden_size * wide + tokens * layer + ends
     else:
         acts = all_layers
     logits = tokens * s.logit_fraction * arch.vocab_size * (b + LOSS_FP32_COPIES * 4)
