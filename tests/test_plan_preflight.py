@@ -105,9 +105,11 @@ def test_plan_of_a_config_is_what_train_records(tmp_path, tiny_model, loft_home,
 @pytest.mark.unit
 def test_plan_config_follows_the_step_plan(tmp_path, tiny_model, loft_home, capsys):
     """The 5-step plan draws more micro-batches than the 1-step one, and the plan's tokens are
-    exactly the largest of them (what pre-flight computes), not micro_batch x max_seq_len."""
+    exactly those of the largest of them (the one with the largest estimate, what pre-flight
+    computes), not micro_batch x max_seq_len."""
+    from loft.planner import estimate
     from loft.train.device import plan_placement
-    from loft.train.preflight import largest_micro_batch, run_preflight
+    from loft.train.preflight import run_preflight
     from loft.train.sft import _rows, make_plan
 
     path = _tiny_config(tmp_path, tiny_model)
@@ -117,10 +119,18 @@ def test_plan_config_follows_the_step_plan(tmp_path, tiny_model, loft_home, caps
 
     rows = _rows(load_prepared(plan["assumptions"]["dataset_fingerprint"]).train)
     steps = make_plan(cfg, len(rows))
-    assert plan["assumptions"]["micro_batch_tokens"] == largest_micro_batch(rows, steps)[0]
     pre = run_preflight(cfg, plan_placement(cfg), rows, steps)
     assert plan["total_bytes"] == pre.estimate.total_bytes
-    assert plan["assumptions"]["micro_batch_tokens"] < 4 * 256
+    assert plan["assumptions"]["micro_batch_tokens"] == pre.micro_batch_tokens < 4 * 256
+    drawn = [mb for step in range(steps.total_steps) for mb in steps.micro_batches(step)]
+    per_mb = {}
+    for mb in drawn:  # each drawn micro-batch packed: its tokens and its trained positions
+        tokens = sum(len(rows[i]["input_ids"]) for i in mb)
+        trained = sum(sum(1 for t in rows[i]["labels"][1:] if t != -100) for i in mb)
+        shaped = pre.estimate.settings.with_(seq_len=tokens, logit_fraction=trained / tokens)
+        per_mb[tokens] = max(per_mb.get(tokens, 0), estimate(pre.estimate.arch, shaped).total_bytes)
+    assert pre.estimate.total_bytes == max(per_mb.values())
+    assert per_mb[pre.micro_batch_tokens] == pre.estimate.total_bytes
 
 
 @pytest.mark.unit

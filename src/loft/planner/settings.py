@@ -21,14 +21,17 @@ class RunSettings:
     """What a run does, as far as memory and FLOPs are concerned.
 
     ``precision`` is the compute (autocast) precision; QLoRA stores its base in NF4 and computes in
-    bf16. ``lora_targets`` is "all-linear" (every decoder projection, not the LM head, as PEFT
-    does) or short module names (q_proj, v_proj, ...; fused and Mixtral names are understood).
-    ``packing`` False means rows padded to ``seq_len`` (the worst case a batch can reach); either
+    bf16 (its hidden states between projections are fp32: see ``memory.QLORA_ACTIVATION_BYTES``).
+    ``lora_targets`` is "all-linear" (every decoder projection, not the LM head, as PEFT does) or
+    short module names (q_proj, v_proj, ...; fused and Mixtral names are understood).
+    ``packing`` False means ``micro_batch`` rows padded to ``seq_len`` (without data, the worst
+    case a batch can reach; pre-flight gives a micro-batch's rows and its longest example); either
     way a micro-batch holds ``micro_batch * seq_len`` token positions. ``zero_stage`` 3 is
     FSDP full sharding. ``logit_fraction`` is the share of positions whose logits are materialised:
-    1.0 (full logits, the conservative default) unless the trainer computes the LM head on labelled
-    positions only. ``grad_accum`` does not change memory; it is kept so a suggestion that halves
-    ``micro_batch`` can keep the effective batch.
+    1.0 (full logits) by default; loft's trainer projects only the positions whose next token is
+    trained, on every device, and pre-flight passes that share of its micro-batch. ``grad_accum``
+    does not change memory; it is kept so a suggestion that halves ``micro_batch`` can keep the
+    effective batch.
     """
 
     method: str = "lora"
@@ -90,7 +93,8 @@ class RunSettings:
 
     @property
     def compute_bytes(self) -> int:
-        """Bytes per activation element: 2 under bf16/fp16 autocast (and for QLoRA), else 4."""
+        """Bytes per activation element in the compute dtype: 2 under bf16/fp16 autocast (and
+        for QLoRA), else 4."""
         return 2 if self.precision != "fp32" or self.method == "qlora" else 4
 
     def with_(self, **changes: Any) -> RunSettings:

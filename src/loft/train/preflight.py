@@ -1,10 +1,12 @@
 """Pre-flight: estimate a run's peak memory on this device before the model is loaded.
 
 The planner's estimate is for the run as loft will execute it: the largest micro-batch the step
-plan will actually draw from the prepared data (packed padding-free, so its real token count),
-the LM head applied only to the positions whose next token is trained, and the precision and
-checkpointing ``plan_placement`` chose. When it exceeds the memory this device has, the run stops
-with the breakdown and the changes that would make it fit, unless ``--force``.
+plan will actually draw from the prepared data, shaped as the collator builds it (packed: one row
+of its examples' tokens, padding-free; padded: one row per example, right-padded to its longest),
+the LM head applied only to the positions whose next token is trained (loft's loss does that on
+every device), and the precision and checkpointing ``plan_placement`` chose. When it exceeds the
+memory this device has, the run stops with the breakdown and the changes that would make it fit,
+unless ``--force``.
 
 ``loft train`` calls :func:`run_preflight` on the rows it prepared; ``loft plan CONFIG`` (for this
 machine) calls :func:`preflight_config`, which takes the same placement, prepares (or reads from
@@ -16,6 +18,7 @@ back to ``micro_batch_size`` x ``max_seq_len`` and says so in ``shape_from``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,23 +64,97 @@ class Preflight:
         return out
 
 
-def largest_micro_batch(rows: list[dict], plan: Any, *, limit: int = 500_000) -> tuple[int, float]:
-    """(tokens, trained fraction) of the largest micro-batch the step plan will draw; for plans
-    over ``limit`` examples, the upper bound from the longest examples."""
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """The batch the collator builds from one micro-batch (``loft.data.packing.collate``):
+    ``rows`` x ``width`` token positions -- packed, one row of the examples end to end; padded,
+    one row per example, right-padded to the longest -- of which ``trained`` are followed by a
+    trained token (the positions loft's loss projects through the LM head)."""
+
+    rows: int
+    width: int
+    trained: int
+    packed: bool
+
+    @property
+    def positions(self) -> int:
+        return self.rows * self.width
+
+    @property
+    def trained_fraction(self) -> float:
+        return min(1.0, max(self.trained, 1) / max(self.positions, 1))
+
+    def describe(self) -> str:
+        return f"{self.positions:,} tokens" if self.packed else _padded(self.rows, self.width)
+
+
+def _padded(rows: int, width: int) -> str:
+    return f"{rows} rows padded to {width:,}: {rows * width:,} token positions"
+
+
+def _trained_positions(labels: Any) -> int:
+    """Positions whose next token is trained: labels 1.. that are not ignored."""
+    tail = list(labels[1:])
+    return len(tail) - tail.count(IGNORE_INDEX)
+
+
+def _micro_batch_shape(
+    lengths: list[int], trained: list[int], mb: list[int], *, packing: bool
+) -> MicroBatchShape:
+    """The shape ``collate(..., packing=packing)`` gives the examples ``mb``."""
+    n_trained = sum(trained[i] for i in mb)
+    if packing:
+        return MicroBatchShape(1, max(1, sum(lengths[i] for i in mb)), n_trained, True)
+    return MicroBatchShape(len(mb), max(1, max(lengths[i] for i in mb)), n_trained, False)
+
+
+def _undominated(shapes: set[MicroBatchShape]) -> list[MicroBatchShape]:
+    """The shapes no other shape with as many rows matches or beats in both width and trained
+    positions (the only ones that can have the largest estimate), largest first."""
+    out: list[MicroBatchShape] = []
+    for n_rows in sorted({s.rows for s in shapes}, reverse=True):
+        most = -1
+        same = sorted((s for s in shapes if s.rows == n_rows), key=lambda s: (-s.width, -s.trained))
+        for s in same:
+            if s.trained > most:
+                out.append(s)
+                most = s.trained
+    return out
+
+
+def largest_micro_batch(
+    rows: list[dict],
+    plan: Any,
+    *,
+    packing: bool = True,
+    cost: Callable[[MicroBatchShape], Any] | None = None,
+    limit: int = 500_000,
+) -> MicroBatchShape:
+    """The largest micro-batch the step plan draws from ``rows``, shaped as the collator builds
+    it with ``packing``. Largest by ``cost`` (``run_preflight`` passes the shape's estimated peak;
+    by default: positions, then trained positions) among the drawn shapes that no other beats in
+    every dimension; with padding, fewer rows of a longer example can cost more than more rows
+    of short ones (the attention scores grow with the square of the width). For plans over
+    ``limit`` example draws, an upper bound: the longest examples in one micro-batch, with the
+    most trained positions any examples have."""
+    if not rows:
+        return MicroBatchShape(1, 1, 0, packing)
     lengths = [len(r["input_ids"]) for r in rows]
+    trained = [_trained_positions(r["labels"]) for r in rows]
     if plan.total_steps * plan.per_step > limit:
-        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
-        best_idx = order[: plan.micro_batch_size]
-    else:
-        best_idx, best = [], -1
-        for step in range(plan.total_steps):
-            for mb in plan.micro_batches(step):
-                tokens = sum(lengths[i] for i in mb)
-                if tokens > best:
-                    best, best_idx = tokens, mb
-    tokens = sum(lengths[i] for i in best_idx)
-    trained = sum(sum(1 for t in rows[i]["labels"][1:] if t != IGNORE_INDEX) for i in best_idx)
-    return max(tokens, 1), min(1.0, max(trained, 1) / max(tokens, 1))
+        k = min(plan.micro_batch_size, len(rows))
+        longest = sorted(lengths, reverse=True)[:k]
+        most = sum(sorted(trained, reverse=True)[:k])
+        if packing:
+            return MicroBatchShape(1, max(1, sum(longest)), most, True)
+        return MicroBatchShape(k, max(1, longest[0]), most, False)
+    shapes = {
+        _micro_batch_shape(lengths, trained, mb, packing=packing)
+        for step in range(plan.total_steps)
+        for mb in plan.micro_batches(step)
+        if mb
+    }
+    return max(_undominated(shapes), key=cost or (lambda s: (s.positions, s.trained)))
 
 
 def device_capacity(device: str) -> int:
@@ -153,25 +230,36 @@ def run_preflight(
     capacity_bytes: int | None = None,
 ) -> Preflight:
     """The estimate for the largest micro-batch ``plan`` (the trainer's StepPlan) draws from
-    ``rows`` (the prepared training rows), under ``placement``."""
+    ``rows`` (the prepared training rows), under ``placement``: the batch the collator builds
+    (``data.packing`` false: micro-batch rows x its longest example), with logits for its trained
+    positions only, as ``loss_sum`` computes them on every device."""
     from loft.planner import estimate
 
-    tokens, trained = largest_micro_batch(rows, plan)
-    settings = run_settings(
-        config,
-        placement,
-        micro_batch=1,
-        seq_len=tokens,
-        packing=True,
-        logit_fraction=trained if placement.device == "cpu" else 1.0,
-    )
-    est = estimate(_arch(config), settings)
+    arch = _arch(config)
+    packing = config.data.packing
+    base = run_settings(config, placement, micro_batch=1, seq_len=1, packing=packing)
+
+    def settings_for(shape: MicroBatchShape) -> Any:
+        return base.with_(
+            micro_batch=shape.rows,
+            seq_len=shape.width,
+            packing=shape.packed,
+            logit_fraction=shape.trained_fraction,
+        )
+
+    def peak(shape: MicroBatchShape) -> int:
+        return estimate(arch, settings_for(shape)).total_bytes
+
+    shape = largest_micro_batch(rows, plan, packing=packing, cost=peak)
+    est = estimate(arch, settings_for(shape))
     cap = capacity_bytes if capacity_bytes is not None else device_capacity(placement.device)
     where = (
         f"the largest micro-batch of the step plan ({plan.total_steps:,} steps x "
         f"{plan.per_step:,} examples over {len(rows):,} prepared examples)"
     )
-    return Preflight(est, cap, placement.device, tokens, placement, "data", where)
+    if not shape.packed:
+        where += f", padded: {shape.describe()}"
+    return Preflight(est, cap, placement.device, shape.positions, placement, "data", where)
 
 
 def machine_device() -> str:
@@ -286,13 +374,14 @@ def suggestions(pre: Preflight, config: TrainConfig) -> list[tuple[str, int]]:
         changes.append("--set training.gradient_checkpointing=true")
         out.append((" ".join(changes), estimate(pre.estimate.arch, settings).total_bytes))
     mbs, accum = config.training.micro_batch_size, config.training.grad_accum
+    rows = settings.micro_batch
     while mbs > 1 and (not out or out[-1][1] > pre.capacity_bytes):
         mbs, accum = max(1, mbs // 2), accum * 2
-        if pre.shape == "data":  # the data's micro-batch: one packed row of its tokens
+        if pre.shape == "data" and settings.packing:  # one packed row of the micro-batch's tokens
             per = max(1, tokens * mbs // config.training.micro_batch_size)
             settings = settings.with_(seq_len=per)
-        else:  # micro_batch x seq_len (no data): fewer rows of the same length
-            settings = settings.with_(micro_batch=mbs)
+        else:  # padded rows (or micro_batch x seq_len without data): fewer rows, as long
+            settings = settings.with_(micro_batch=min(rows, mbs))
         step = [f"--set training.micro_batch_size={mbs}", f"--set training.grad_accum={accum}"]
         out.append((" ".join([*changes, *step]), estimate(pre.estimate.arch, settings).total_bytes))
     if pre.device == "cuda" and config.method != "qlora":
@@ -307,10 +396,12 @@ def refuse_if_too_big(pre: Preflight, config: TrainConfig) -> None:
         return
     gib = 1024**3
     where = "GPU memory" if pre.device == "cuda" else "RAM available"
+    s = pre.estimate.settings
+    shape = f"{pre.micro_batch_tokens:,} tokens" if s.packing else _padded(s.micro_batch, s.seq_len)
     lines = [
         f"this run needs about {pre.estimate.total_bytes / gib:.1f} GiB at its peak but this "
         f"machine has {pre.capacity_bytes / gib:.1f} GiB of {where}; nothing was loaded.",
-        f"estimate for the largest micro-batch ({pre.micro_batch_tokens:,} tokens):",
+        f"estimate for the largest micro-batch ({shape}):",
     ]
     lines += [f"  {k:<16} {v / gib:8.2f} GiB" for k, v in pre.estimate.breakdown.items() if v]
     changes = suggestions(pre, config)
