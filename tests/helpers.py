@@ -162,3 +162,20 @@ def make_lora_adapter(
     lineage = {"base_model": {"name": info.name, "sha256": info.sha256, "source": info.source}}
     atomic_write_json(folder / "lineage.json", lineage)
     return folder
+
+
+def vllm_engine_without_vllm(config):
+    """A ``VllmEngine`` set up as ``start()`` sets it up, minus vLLM itself (not installed on CPU
+    machines): base, tokenizer, adapter cache, max_lora_rank 16. Enough for ``acquire`` to run the
+    adapter checks; nothing can be generated."""
+    from loft.models import load_tokenizer, resolve_model
+    from loft.serve.adapters import base_target, cache_for
+    from loft.serve.vllm_engine import VllmEngine
+
+    eng = VllmEngine(config)
+    info = resolve_model(config.base_model)
+    eng.tokenizer = load_tokenizer(info)
+    eng.base = base_target(info)
+    eng.cache = cache_for(config, eng.base, load_slot=eng._load_slot, unload_slot=lambda slot: None)
+    eng._max_rank = 16
+    return eng

@@ -20,7 +20,14 @@ import httpx
 import openai
 import pytest
 
-from helpers import kill_tree, linked_home, make_lora_adapter, run_loft, start_loft
+from helpers import (
+    kill_tree,
+    linked_home,
+    make_lora_adapter,
+    run_loft,
+    start_loft,
+    vllm_engine_without_vllm,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -521,6 +528,49 @@ def test_cli_serve_vllm_refuses_cleanly_on_cpu(loft_home: Path, tiny_model: Path
     r = run_loft("serve", "--engine", "vllm", "--base-model", str(tiny_model), home=loft_home)
     assert r.returncode == 2, r.stderr
     assert "vllm" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
+def test_vllm_engine_refuses_an_adapter_it_cannot_serve_with_a_400(
+    loft_home: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A DoRA adapter asked of the vLLM engine is a 400 that names the problem and the engine that
+    serves it, before vLLM would see it (vLLM is not installed here: the engine is set up as its
+    start sets it up, up to loading vLLM)."""
+    import uvicorn
+
+    from loft import registry
+    from loft.core.specs import ServeConfig
+    from loft.serve.app import create_app
+    from loft.serve.audit import AuditLog
+    from loft.serve.metrics import Metrics
+
+    dora = make_lora_adapter(tmp_path / "dora", tiny_model, seed=3, r=8, use_dora=True)
+    registry.register(dora, name="dora")
+    cfg = ServeConfig(base_model=str(tiny_model), engine="vllm")
+    engine = vllm_engine_without_vllm(cfg)
+    audit = AuditLog(loft_home / "audit.jsonl", False)
+    app = create_app(cfg, engine, None, audit=audit, metrics=Metrics())
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="dora", prompt="hello", max_tokens=2)
+        assert refused.value.status_code == 400
+        message = refused.value.body["message"]
+        assert "dora:1 cannot be served by the vLLM engine: use_dora: true" in message
+        assert "engine: torch" in message
+        assert engine.resident() == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        audit.close()
 
 
 def test_serve_checks_its_ports_before_loading_anything(loft_home: Path) -> None:

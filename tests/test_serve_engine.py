@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import linked_home, make_lora_adapter
+from helpers import linked_home, make_lora_adapter, vllm_engine_without_vllm
 from loft.core.errors import ConfigError, HardwareError, IntegrityError, OverloadedError
 from loft.core.specs import ServeConfig
 from loft.serve.types import SamplingParams
@@ -309,6 +309,148 @@ def test_vllm_rank_is_derived_from_adapters():
     assert lora_rank_for([8], 64) == 64
     with pytest.raises(ConfigError, match="below the largest adapter rank 32"):
         lora_rank_for([32], 16)
+
+
+def test_vllm_engine_args_bound_gpu_slots_by_the_batch_and_snap_the_rank():
+    """vLLM preallocates a GPU LoRA slot (at max_lora_rank, out of the KV cache) for each of
+    max_loras: a batch never mixes more adapters than it has sequences. It accepts only its own
+    ranks, so a configured max_lora_rank is snapped up to one, and startup says so."""
+    from loft.serve.vllm_engine import lora_rank_for, sizing_line, vllm_engine_args
+
+    cfg = ServeConfig(engine="vllm", max_resident_adapters=64, max_batch_size=8, max_lora_rank=20)
+    args = vllm_engine_args(cfg, [4, 16], model_path="/m")
+    assert args["max_loras"] == 8 and args["max_cpu_loras"] == 64
+    assert args["max_lora_rank"] == 32 and args["max_num_seqs"] == 8
+    assert args["model"] == args["tokenizer"] == "/m" and args["enable_lora"] is True
+    assert args["max_model_len"] == cfg.max_prompt_tokens + cfg.max_tokens_limit
+    line = sizing_line(cfg, args)
+    assert "8 adapters per batch" in line and "configured 20, snapped up" in line
+    few = ServeConfig(engine="vllm", max_resident_adapters=2, max_batch_size=16)
+    args = vllm_engine_args(few, [4], model_path="/m")
+    assert (args["max_loras"], args["max_cpu_loras"], args["max_lora_rank"]) == (2, 2, 8)
+    assert "snapped" not in sizing_line(few, args)
+    assert lora_rank_for([1], 1) == 8 and lora_rank_for([8], 300) == 320
+    with pytest.raises(ConfigError, match=r"max_lora_rank 600 is above what vLLM supports \(512\)"):
+        lora_rank_for([8], 600)
+
+
+def test_adapter_stacks_live_on_the_base_weights_device(served):
+    """The stacked A/B/magnitude buffers are made beside the wrapped weights (on CUDA they stayed
+    on the CPU and the first batch with an adapter failed), also after growing to a larger rank:
+    checked on the meta device, where a mixed batch still runs through every layer."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loft.serve.multilora import MultiLora, MultiLoraLinear, RowState, read_adapter
+
+    layer = MultiLoraLinear(nn.Linear(8, 6, device="meta", dtype=torch.bfloat16), 3, 2, RowState())
+    layer.grow(4)
+    for buf in (layer.a, layer.b, layer.m):
+        assert (buf.device.type, buf.dtype) == ("meta", torch.bfloat16)
+    assert tuple(layer.a.shape) == (12, 8) and tuple(layer.b.shape) == (12, 6)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(served["base"]), dtype=torch.bfloat16
+        )
+    ml = MultiLora(model, capacity=2)
+    ml.load(1, read_adapter(served["alpha"], label="alpha"), label="alpha")  # LoRA r4
+    ml.load(2, read_adapter(served["beta"], label="beta"), label="beta")  # DoRA r8: grows
+    assert len(ml.layers) == 14
+    for layer in ml.layers.values():
+        assert {b.device.type for b in (layer.a, layer.b, layer.m)} == {"meta"}
+        assert layer.rank == 8 and layer.dora == {2}
+    ml.set_rows([1, 2, 0], torch.device("meta"))
+    logits = model(torch.zeros(3, 5, dtype=torch.long, device="meta")).logits
+    assert logits.device.type == "meta" and tuple(logits.shape[:2]) == (3, 5)
+
+
+def _acquire(engine, model: str):
+    async def run():
+        async with engine.acquire(model) as target:
+            return target
+
+    return asyncio.run(run())
+
+
+def test_vllm_engine_refuses_a_dora_adapter_before_vllm_sees_it(served):
+    """vLLM refuses DoRA inside its engine step, where a failed load stops the engine for every
+    client: the adapter is refused when it is first acquired, a 400 that names why and the engine
+    that serves it, and nothing is handed on to vLLM."""
+    from loft.core.errors import http_status_for
+
+    eng = vllm_engine_without_vllm(
+        ServeConfig(base_model=str(served["base"]), engine="vllm", alias_refresh_s=0)
+    )
+    with pytest.raises(ConfigError) as refused:
+        _acquire(eng, "beta")
+    message = str(refused.value)
+    assert "beta:1 cannot be served by the vLLM engine: use_dora: true" in message
+    assert "engine: torch" in message
+    assert http_status_for(refused.value) == 400
+    assert eng.resident() == [] and eng._ids == {}
+
+
+def test_vllm_engine_refuses_a_configured_dora_adapter_before_loading_anything(served):
+    from loft.serve.vllm_engine import VllmEngine
+
+    eng = VllmEngine(
+        ServeConfig(base_model=str(served["base"]), engine="vllm", adapters=["alpha", "beta"])
+    )
+    with pytest.raises(ConfigError, match="beta cannot be served by the vLLM engine: use_dora"):
+        eng._prepare()  # what start() runs once vLLM is importable, before vLLM loads the model
+    assert eng.engine is None and eng.sizing is None
+
+
+class _AddLora:
+    """The part of vLLM's AsyncLLM the engine uses before a request: ``add_lora`` (vLLM itself is
+    not installed on CPU machines). It refuses the adapters named in ``refuse``."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.calls: list[str] = []
+        self.errored = False
+
+    async def add_lora(self, request: str) -> bool:
+        self.calls.append(request)
+        await asyncio.sleep(0)
+        if request in self.refuse:
+            raise ValueError(f"While loading {request}, expected target modules in [...]")
+        return True
+
+
+def test_vllm_engine_adds_each_adapter_once_before_use_and_a_refusal_fails_one_request(
+    served, monkeypatch
+):
+    """Adapters reach vLLM through add_lora on the serving loop before their first request (never
+    lazily inside vLLM's engine step): once per load however many requests wait, and an adapter
+    vLLM still refuses fails that request with a 400 while the others keep being served."""
+    from loft.core.errors import LoftError, http_status_for
+
+    eng = vllm_engine_without_vllm(
+        ServeConfig(base_model=str(served["base"]), engine="vllm", alias_refresh_s=0)
+    )
+    eng.engine = _AddLora(refuse={"gamma:1"})
+    monkeypatch.setattr(eng, "_lora_request", lambda target: target.ref)
+
+    async def both():
+        target = await asyncio.to_thread(lambda: eng.cache.preload(["alpha"])[0])
+        await asyncio.gather(eng._add_lora(target), eng._add_lora(target))
+        async with eng.acquire("alpha") as again:
+            return again
+
+    assert asyncio.run(both()).ref == "alpha:1"
+    assert eng.engine.calls == ["alpha:1"]  # one add_lora for two waiters and a later request
+    for _ in range(2):  # refused each time it is asked for, in that request alone
+        with pytest.raises(ConfigError, match="vLLM could not load gamma:1: While loading") as e:
+            _acquire(eng, "gamma")
+        assert http_status_for(e.value) == 400
+    assert eng.engine.calls == ["alpha:1", "gamma:1", "gamma:1"]
+    assert _acquire(eng, "alpha").ref == "alpha:1" and len(eng.engine.calls) == 3
+    eng.engine.errored = True  # the engine itself died: a 500, not the adapter's fault
+    with pytest.raises(LoftError, match="the vLLM engine has stopped") as e:
+        _acquire(eng, "gamma")
+    assert http_status_for(e.value) == 500
 
 
 def test_resolver_looks_up_once_and_serves_cached_answer_while_refreshing():

@@ -281,6 +281,8 @@ def _serve(
     app = create_app(cfg, eng, keys, audit=audit, metrics=Metrics())
 
     console.print(f"serving base model [bold]{eng.base.name}[/] ({cfg.engine} engine)")
+    if getattr(eng, "sizing", None):  # the vLLM engine says how it sized its LoRA memory
+        console.print(eng.sizing, soft_wrap=True)
     resident = eng.resident()
     console.print(f"adapters preloaded: {', '.join(resident) if resident else '(none)'}")
     if keys is None:

@@ -296,12 +296,16 @@ class AdapterCache:
             rank=lora,
         )
 
-    def rank_of(self, model: str) -> int | None:
-        """LoRA rank of the version ``model`` names, read without hashing (loading verifies)."""
+    def folder_of(self, model: str) -> Path:
+        """The folder of the version ``model`` names, found without hashing (loading verifies)."""
         from loft.registry import get_version
 
         name, version = self.resolver.resolve(model)
-        return _adapter_rank(Path(get_version(f"{name}:{version}", verify=False).path))
+        return Path(get_version(f"{name}:{version}", verify=False).path)
+
+    def rank_of(self, model: str) -> int | None:
+        """LoRA rank of the version ``model`` names, read without hashing (loading verifies)."""
+        return _adapter_rank(self.folder_of(model))
 
     def preload(self, refs: list[str]) -> list[Target]:
         out = []

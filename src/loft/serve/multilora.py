@@ -172,9 +172,10 @@ class MultiLoraLinear(nn.Module):
         self.state = state
         self.n_slots = n_slots
         w = base.weight
-        self.register_buffer("a", torch.zeros(n_slots * rank, w.shape[1], dtype=w.dtype), False)
-        self.register_buffer("b", torch.zeros(n_slots * rank, w.shape[0], dtype=w.dtype), False)
-        self.register_buffer("m", torch.ones(n_slots, w.shape[0], dtype=w.dtype), False)
+        like = {"dtype": w.dtype, "device": w.device}  # the stacks live beside the base weights
+        self.register_buffer("a", torch.zeros(n_slots * rank, w.shape[1], **like), False)
+        self.register_buffer("b", torch.zeros(n_slots * rank, w.shape[0], **like), False)
+        self.register_buffer("m", torch.ones(n_slots, w.shape[0], **like), False)
         self.rank = rank
         self.filled: set[int] = set()
         self.dora: set[int] = set()

@@ -68,7 +68,7 @@ class Engine(Protocol):
         """Resolve ``model`` (``name`` follows the default alias, ``name@alias``, ``name:N``, or the
         base name), load the adapter if it is not resident (verified, idempotent under concurrent
         calls) and keep it resident until the block exits. NotFoundError / IntegrityError /
-        ConfigError (wrong base model) propagate."""
+        ConfigError (wrong base model, or an adapter this engine cannot serve) propagate."""
 
     def generate(
         self,
