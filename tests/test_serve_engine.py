@@ -570,3 +570,41 @@ def test_requests_joining_a_running_batch_get_the_same_tokens_as_alone(engine, s
     assert got[0][1] == _peft_greedy(served["base"], served["alpha"], PROMPT, 40)
     assert got[1][1] == _peft_greedy(served["base"], served["beta"], long_prompt, 5)
     assert got[2][1] == _peft_greedy(served["base"], None, PROMPT[:3], 7)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("capability", "want"), [((7, 5), "float16"), ((9, 0), "bfloat16")])
+def test_auto_dtype_on_a_gpu_is_bf16_only_where_native(
+    monkeypatch: pytest.MonkeyPatch, capability, want
+):
+    """A T4 (sm75) emulates bf16, several times slower than fp16: serve it fp16 (issue 12)."""
+    import torch
+
+    from loft.core.specs import ServeConfig
+    from loft.serve.engine import TorchEngine
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    engine = TorchEngine(ServeConfig())
+    assert engine._dtype(torch, "cuda") is getattr(torch, want)
+    assert engine._dtype(torch, "cpu") is torch.float32
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["use_qalora", "alora_invocation_tokens"])
+def test_mixed_adapter_serving_refuses_adapters_that_are_not_plain_linear_deltas(
+    tmp_path: Path, tiny_model: Path, key: str
+):
+    """QA-LoRA pools the adapter's input and aLoRA switches on after given tokens: served as a
+    plain delta they would answer wrongly, so they are refused by name."""
+    import json as _json
+
+    from helpers import make_lora_adapter
+    from loft.core.errors import ConfigError
+    from loft.serve.multilora import read_adapter
+
+    folder = make_lora_adapter(tmp_path / "a", tiny_model, seed=1, r=2)
+    cfg = _json.loads((folder / "adapter_config.json").read_text())
+    cfg[key] = True if key == "use_qalora" else [1, 2]
+    (folder / "adapter_config.json").write_text(_json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"QA-LoRA|aLoRA"):
+        read_adapter(folder, label="a:1")

@@ -177,7 +177,9 @@ class ServeConfig(Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when present.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+        "auto",
+        description="auto: bfloat16 on CUDA GPUs with native bf16 (Ampere+), float16 on older "
+        "ones, float32 on CPU.",
     )
     adapters: list[str] = Field(
         default_factory=list,
@@ -223,7 +225,10 @@ class ServeConfig(Strict):
         0.85, gt=0.0, le=1.0, description="vllm only: share of GPU memory it may take."
     )
     max_lora_rank: int | None = Field(
-        None, ge=1, description="vllm only; default: largest rank among the adapters."
+        None,
+        ge=1,
+        description="vllm only; default: largest rank among the adapters; snapped up to a rank "
+        "vLLM supports (8, 16, 32, ...).",
     )
     metrics_port: int | None = Field(
         None,

@@ -103,8 +103,11 @@ class TorchEngine:
         return want
 
     def _dtype(self, torch: Any, device: str) -> Any:
-        if self.config.dtype == "auto":
-            return torch.bfloat16 if device == "cuda" else torch.float32
+        if self.config.dtype == "auto":  # bf16 only where native: emulated on T4/V100 (< sm80)
+            if device == "cuda":
+                native = torch.cuda.get_device_capability()[0] >= 8
+                return torch.bfloat16 if native else torch.float16
+            return torch.float32
         return getattr(torch, self.config.dtype)
 
     def shutdown(self) -> None:

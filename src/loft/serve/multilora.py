@@ -39,6 +39,8 @@ _UNSUPPORTED = {
     "fan_in_fan_out": "uses fan_in_fan_out (Conv1D layers)",
     "layer_replication": "replicates layers (layer_replication)",
     "target_parameters": "targets raw parameters (target_parameters)",
+    "use_qalora": "is QA-LoRA, which pools the adapter's input (use_qalora)",
+    "alora_invocation_tokens": "is an activated LoRA, on only after given tokens (aLoRA)",
 }
 
 
