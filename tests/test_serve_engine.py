@@ -608,3 +608,18 @@ def test_mixed_adapter_serving_refuses_adapters_that_are_not_plain_linear_deltas
     (folder / "adapter_config.json").write_text(_json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"QA-LoRA|aLoRA"):
         read_adapter(folder, label="a:1")
+
+
+@pytest.mark.unit
+def test_output_for_a_closed_event_loop_cancels_its_sequence_not_the_worker():
+    """A client whose event loop has closed (it went away between two tokens): the worker's
+    send must not raise (it used to kill the worker thread that decodes for every client);
+    the sequence is cancelled and dropped at the next token instead."""
+    from loft.serve.engine import _Seq
+    from loft.serve.types import SamplingParams
+
+    loop = asyncio.new_event_loop()
+    seq = _Seq([1, 2], 0, SamplingParams(max_tokens=4), threading.Event(), loop, asyncio.Queue())
+    loop.close()
+    seq.send(None)
+    assert seq.cancel.is_set()

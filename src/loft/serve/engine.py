@@ -48,7 +48,12 @@ class _Seq:
     generator: Any = None  # torch.Generator for seeded sampling
 
     def send(self, item: Delta | BaseException | None) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        """Hand ``item`` to the request's event loop; a loop that has closed (its client is
+        gone) cancels the sequence instead of killing the worker that serves everyone."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            self.cancel.set()
 
 
 class TorchEngine:
