@@ -211,7 +211,7 @@ def test_every_validation_error_kind(tmp_path: Path) -> None:
         f"{p}:13: record: cannot tell the format: found foo; expected one of: messages (a list "
         "of {role, content}) (chat); conversations (a list of {from, value}) (sharegpt); "
         "instruction + output (+ optional input) (alpaca); text (completion); prompt + chosen + "
-        "rejected (preference)",
+        "rejected (preference); prompt + completion + label (kto)",
         f"{p}:14: messages: two consecutive assistant messages at index 2 and 1",
     ]
     report = validate_file(p)

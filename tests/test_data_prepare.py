@@ -60,7 +60,7 @@ def test_prepare_writes_rows_report_and_manifest_then_hits_the_cache(
     trained = [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
     assert tok.decode(trained) == "Answer 0.<|im_end|>"
     r = ds.report
-    assert r["cached"] is False and r["format"] == "chat"
+    assert r["cached"] is False and r["format"] == "chat" and r["layout"] == "sft"
     counts = {
         k: r[k]
         for k in r
@@ -76,6 +76,7 @@ def test_prepare_writes_rows_report_and_manifest_then_hits_the_cache(
             "created_at",
             "fingerprint",
             "format",
+            "layout",
             "cached",
         )
     }
@@ -172,8 +173,11 @@ def test_invalid_records_fail_unless_skipped(
 
 def test_preference_data_is_refused_for_sft(loft_home: Path, tmp_path: Path, tok: Any) -> None:
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(DataError, match="preference training \\(DPO\\)"):
-        prepare_dataset(DataSpec(train=str(p)), tok, progress=False)
+    k = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "a", "label": True}])
+    for path, fmt in ((p, "auto"), (p, "preference"), (k, "auto"), (k, "kto")):
+        with pytest.raises(DataError, match="objective: dpo\\|kto\\|orpo\\|simpo") as info:
+            prepare_dataset(DataSpec(train=str(path), format=fmt), tok, progress=False)
+        assert info.value.message.startswith(f"{path}: ")
 
 
 def test_dedup_pii_redaction_and_truncation_counts(

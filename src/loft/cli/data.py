@@ -15,7 +15,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-FORMAT_HELP = "auto, chat, sharegpt, alpaca, completion or preference."
+FORMAT_HELP = "auto, chat, sharegpt, alpaca, completion, preference or kto."
+OBJECTIVE_HELP = (
+    "What the rows are for: sft; dpo, orpo or simpo (pairs); kto (unpaired rows, derived from "
+    "pairs for a preference file); auto: sft, or pairs for a preference file and unpaired rows "
+    "for a kto file."
+)
 COLUMN_MAP_HELP = "Rename a file column to a loft field, e.g. --column-map question=instruction."
 
 
@@ -62,6 +67,10 @@ def validate(
 
     Conversations: roles system/user/assistant, a system message only first, then user and
     assistant alternate starting with user and ending with assistant; no empty contents.
+
+    Preference pairs (prompt/chosen/rejected) and KTO rows (prompt/completion/label): a prompt
+    (a string, or messages ending with a user turn), non-empty assistant completions, chosen
+    different from rejected, label true or false; one file holds pairs or unpaired rows, not both.
     """
     from loft.data import validate_file
     from loft.data.validate import raise_for_problems
@@ -92,15 +101,19 @@ def prepare(
     ),
     pii: str | None = typer.Option(None, "--pii", help="report, redact or off."),
     no_dedup: bool = typer.Option(False, "--no-dedup", help="Keep exact and near duplicates."),
+    objective: str = typer.Option("auto", "--objective", help=OBJECTIVE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Validate, dedup, scan for PII, split, tokenize and cache a dataset; print its report."""
+    """Validate, dedup, scan for PII, split, tokenize and cache a dataset; print its report.
+
+    A preference file is prepared as pairs (prompt, chosen and rejected token ids), a kto file
+    as unpaired rows; `--objective kto` turns pairs into unpaired rows."""
     from pydantic import ValidationError
 
     from loft.core.config import format_validation_error
     from loft.core.errors import ConfigError
     from loft.core.specs import DataSpec
-    from loft.data import prepare_dataset
+    from loft.data import prepare_for
 
     given = {
         "train": str(file),
@@ -129,11 +142,12 @@ def prepare(
     # is loaded only when there is tokenizing to do
     key = tokenizer_files_key(_tokenizer_dir(model), f"data prepare --model {model}")
     known = cached_tokenizer_fingerprint(key) if key else None
-    hit = cached_report(spec, known) if known else None
+    hit = cached_report(spec, known, objective=objective) if known else None
     if hit is not None:
         _fp, path, report = hit
     else:
-        prepared = prepare_dataset(spec, _load_tokenizer(model), progress=not json_out)
+        tokenizer = _load_tokenizer(model)
+        prepared = prepare_for(spec, tokenizer, objective=objective, progress=not json_out)
         path, report = prepared.path, prepared.report
         if key:
             remember_tokenizer_fingerprint(key, report["tokenizer"]["fingerprint"])
@@ -143,29 +157,46 @@ def prepare(
         print_report(report, path)
 
 
-def print_report(report: dict[str, Any], path: Path) -> None:
-    from rich.table import Table
+LAYOUTS = {"paired": "pairs (dpo, orpo, simpo)", "unpaired": "unpaired rows (kto)"}
 
+
+def print_report(report: dict[str, Any], path: Path) -> None:
     c = report
+    layout = report.get("layout", "sft")
     cached = " (cached)" if report.get("cached") else ""
+    rows = f", {LAYOUTS[layout]}" if layout in LAYOUTS else ""
     console.print(
-        f"[bold]dataset {report['fingerprint'][:12]}[/]{cached}  format {report['format']}"
+        f"[bold]dataset {report['fingerprint'][:12]}[/]{cached}  format {report['format']}{rows}"
     )
     line = f"records {c['records']}  valid {c['valid']}  invalid {c['invalid']}"
     if c["dropped_invalid"]:
         line += f" [yellow](dropped {c['dropped_invalid']} with --skip-invalid)[/]"
     console.print(line)
     dedup = "off" if not report["settings"]["dedup"] else f"{c['exact_dups']} exact, "
-    if report["settings"]["dedup"]:
+    if report["settings"]["dedup"] and layout == "sft":
         dedup += f"{c['near_dups']} near (threshold {report['settings']['near_dup_threshold']})"
+    elif report["settings"]["dedup"]:
+        dedup += "near duplicates kept (pairs often share a prompt)"
     if c["eval_overlap"]:
         dedup += f", {c['eval_overlap']} eval records also in train"
     console.print(f"duplicates removed: {dedup}")
-    console.print(
-        f"truncated {c['truncated']} (max_seq_len {report['settings']['max_seq_len']}), "
-        f"dropped {c['empty_after_truncation']} with no trained tokens left"
-    )
-    pii = report["pii"]
+    max_len = report["settings"]["max_seq_len"]
+    if layout == "sft":
+        console.print(
+            f"truncated {c['truncated']} (max_seq_len {max_len}), "
+            f"dropped {c['empty_after_truncation']} with no trained tokens left"
+        )
+    else:
+        console.print(
+            f"dropped {c['too_long']} longer than max_seq_len {max_len} "
+            "(prompt + longest completion; never truncated)"
+        )
+    _print_pii(report["pii"])
+    console.print(_stats_table(report["stats"], layout))
+    console.print(f"fingerprint {report['fingerprint']}\npath {path}", soft_wrap=True)
+
+
+def _print_pii(pii: dict[str, Any]) -> None:
     if pii["mode"] == "off":
         console.print("PII scan: off")
     elif not pii["total"]:
@@ -176,19 +207,26 @@ def print_report(report: dict[str, Any], path: Path) -> None:
         for kind, e in pii["kinds"].items():
             lines = ", ".join(e["lines"])
             console.print(f"  {kind:<7}{e['count']:>6}  e.g. {lines}", soft_wrap=True)
-    table = Table("split", "rows", "tokens", "trained", "mean", "p50", "p95", "max")
+
+
+def _stats_table(stats: dict[str, Any], layout: str) -> Any:
+    from rich.table import Table
+
+    if layout == "sft":
+        keys = ["records", "tokens", "trained_tokens"]
+    elif layout == "paired":
+        keys = ["records", "tokens", "prompt_tokens", "chosen_tokens", "rejected_tokens"]
+    else:
+        keys = ["records", "desirable", "undesirable", "tokens", "prompt_tokens"]
+        keys.append("completion_tokens")
+    keys += ["mean", "p50", "p95", "max"]
+    names = {"records": "rows", "trained_tokens": "trained"}
+    table = Table("split", *(names.get(k, k.removesuffix("_tokens")) for k in keys))
     for split in ("train", "eval"):
-        s = report["stats"].get(split)
+        s = stats.get(split)
         if s:
-            table.add_row(
-                split,
-                *(
-                    str(s[k])
-                    for k in ("records", "tokens", "trained_tokens", "mean", "p50", "p95", "max")
-                ),
-            )
-    console.print(table)
-    console.print(f"fingerprint {report['fingerprint']}\npath {path}", soft_wrap=True)
+            table.add_row(split, *(str(s[k]) for k in keys))
+    return table
 
 
 @app.command()
@@ -196,20 +234,31 @@ def inspect(
     target: str = typer.Argument(..., help="A data file, or a prepared dataset's fingerprint."),
     n: int = typer.Option(3, "-n", help="How many examples to show."),
     model: str = typer.Option(
-        "smollm2-135m-instruct", "--model", "-m", help="Tokenizer used to decode prepared rows."
+        "smollm2-135m-instruct",
+        "--model",
+        "-m",
+        help="Tokenizer used to render (--tokens) or decode prepared rows.",
     ),
     format: str = typer.Option("auto", "--format", "-f", help=FORMAT_HELP),
     column_map: list[str] = typer.Option(None, "--column-map", help=COLUMN_MAP_HELP),
+    tokens: bool = typer.Option(
+        False,
+        "--tokens",
+        help="Render a file's records with the model's chat template and mark the trained "
+        "tokens (assistant replies; a preference file's chosen and rejected completions).",
+    ),
 ) -> None:
-    """Show a file's format and normalised records, or a prepared dataset's rows with the
-    trained (labelled) tokens highlighted."""
+    """Show a file's format and normalised records (--tokens: as the model sees them), or a
+    prepared dataset's rows, with the trained (labelled) tokens highlighted."""
     if Path(target).is_file():
-        _inspect_file(Path(target), n, format, _column_map(column_map))
+        _inspect_file(Path(target), n, format, _column_map(column_map), model if tokens else None)
     else:
         _inspect_prepared(target, n, model)
 
 
-def _inspect_file(path: Path, n: int, format: str, column_map: dict[str, str]) -> None:
+def _inspect_file(
+    path: Path, n: int, format: str, column_map: dict[str, str], model: str | None
+) -> None:
     from loft.data.readers import read_file
 
     res = read_file(path, format=format, column_map=column_map)
@@ -218,16 +267,95 @@ def _inspect_file(path: Path, n: int, format: str, column_map: dict[str, str]) -
         f"{res.n_invalid} invalid",
         soft_wrap=True,
     )
+    tokenizer = _load_tokenizer(model) if model is not None and res.records else None
+    if tokenizer is not None:
+        _legend()
     for r in res.records[:n]:
-        console.print(f"[bold cyan]{r.loc}[/] ({r.format})", soft_wrap=True)
-        console.print(json.dumps(r.data, indent=2, ensure_ascii=False), markup=False)
+        if tokenizer is None:
+            console.print(f"[bold cyan]{r.loc}[/] ({r.format})", soft_wrap=True)
+            console.print(json.dumps(r.data, indent=2, ensure_ascii=False), markup=False)
+        elif "prompt" in r.data:
+            _show_preference_record(r, tokenizer)
+        else:
+            _show_sft_record(r, tokenizer)
     if res.problems:
         err_console.print(f"{len(res.problems)} problems; run `loft data validate {path}`")
 
 
-def _inspect_prepared(ref: str, n: int, model: str) -> None:
+def _show_sft_record(r: Any, tokenizer: Any) -> None:
+    from loft.data import mask_segments
+    from loft.data.template import tokenize_record
+
+    out = tokenize_record(r.data, tokenizer, max_seq_len=1 << 30)
+    trained = sum(lab != -100 for lab in out["labels"])
+    console.print(
+        f"[bold cyan]{r.loc}[/] ({r.format}): {len(out['input_ids'])} tokens, {trained} trained",
+        soft_wrap=True,
+    )
+    console.print(_marked(mask_segments(out["input_ids"], out["labels"], tokenizer)))
+
+
+def _show_preference_record(r: Any, tokenizer: Any) -> None:
+    from loft.data import tokenize_preference
+
+    out, problems = tokenize_preference(r.data, tokenizer)
+    if out is None:
+        console.print(f"[bold cyan]{r.loc}[/] ({r.format})", soft_wrap=True)
+        for field, why in problems:
+            console.print(f"{r.loc}: {field}: {why}", style="yellow", soft_wrap=True, markup=False)
+        return
+    sides = {k.removesuffix("_ids"): v for k, v in out.items() if k != "prompt_ids"}
+    if "label" in r.data:
+        label = "true, desirable" if r.data["label"] else "false, undesirable"
+        sides = {f"completion (label {label})": sides["completion"]}
+    _show_preference_row(f"{r.loc} ({r.format})", out["prompt_ids"], sides, tokenizer)
+
+
+def _show_preference_row(
+    title: str, prompt_ids: list[int], sides: dict[str, list[int]], tokenizer: Any
+) -> None:
+    counts = ", ".join(f"{name.split(' ')[0]} {len(ids)}" for name, ids in sides.items())
+    console.print(
+        f"[bold cyan]{title}[/]: prompt {len(prompt_ids)} tokens, {counts} trained",
+        soft_wrap=True,
+    )
+    console.print("[bold]prompt[/]")
+    console.print(_marked([(tokenizer.decode(prompt_ids), False)]))
+    for name, ids in sides.items():
+        console.print(f"[bold]{name}[/]")
+        console.print(_marked([(tokenizer.decode(ids), True)]))
+
+
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
+
+
+def _marked(segments: list[tuple[str, bool]]) -> Any:
+    """Trained runs in bold green, the rest dim; without colour (piped, NO_COLOR) trained runs
+    are also bracketed ⟦…⟧ so the mask stays visible."""
     from rich.text import Text
 
+    plain = console.no_color or console.color_system is None
+    text = Text()
+    for chunk, trained in segments:
+        if trained and plain:
+            chunk = f"{MARK_OPEN}{chunk}{MARK_CLOSE}"
+        text.append(chunk, style="bold green" if trained else "dim")
+    return text
+
+
+def _legend() -> None:
+    from rich.text import Text
+
+    legend = Text("legend: ")
+    legend.append("trained", style="bold green")
+    if console.no_color or console.color_system is None:
+        legend.append(f" ({MARK_OPEN}…{MARK_CLOSE})")
+    legend.append(" / ")
+    legend.append("not trained", style="dim")
+    console.print(legend)
+
+
+def _inspect_prepared(ref: str, n: int, model: str) -> None:
     from loft.data import load_prepared, mask_segments, tokenizer_fingerprint
 
     ds = load_prepared(ref)
@@ -238,16 +366,17 @@ def _inspect_prepared(ref: str, n: int, model: str) -> None:
             f"[yellow]warning:[/] {model}'s tokenizer is not the one this dataset was prepared "
             f"with ({ds.report['tokenizer']['name']}); pass --model to decode correctly"
         )
-    legend = Text("legend: ")
-    legend.append("trained", style="bold green")
-    legend.append(" / ")
-    legend.append("not trained", style="dim")
-    console.print(legend)
+    _legend()
     for i in range(min(n, len(ds.train))):
         row = ds.train[i]
-        trained = sum(lab != -100 for lab in row["labels"])
-        console.print(f"[bold cyan]train row {i}[/]: {row['length']} tokens, {trained} trained")
-        text = Text()
-        for chunk, is_trained in mask_segments(row["input_ids"], row["labels"], tokenizer):
-            text.append(chunk, style="bold green" if is_trained else "dim")
-        console.print(text)
+        if ds.layout == "paired":
+            sides = {"chosen": row["chosen_ids"], "rejected": row["rejected_ids"]}
+            _show_preference_row(f"train row {i}", row["prompt_ids"], sides, tokenizer)
+        elif ds.layout == "unpaired":
+            label = "true, desirable" if row["label"] else "false, undesirable"
+            sides = {f"completion (label {label})": row["completion_ids"]}
+            _show_preference_row(f"train row {i}", row["prompt_ids"], sides, tokenizer)
+        else:
+            trained = sum(lab != -100 for lab in row["labels"])
+            console.print(f"[bold cyan]train row {i}[/]: {row['length']} tokens, {trained} trained")
+            console.print(_marked(mask_segments(row["input_ids"], row["labels"], tokenizer)))

@@ -6,6 +6,13 @@ Canonical ``Record.data`` by format:
   (alpaca: user = instruction + "\\n\\n" + input when input is non-empty; assistant = output)
 - ``completion`` → ``{"text": str}`` (trained on whole)
 - ``preference`` → ``{"prompt": messages, "chosen": messages, "rejected": messages}``
+- ``kto`` → ``{"prompt": messages, "completion": messages, "label": bool}`` (unpaired: one
+  completion judged desirable (true) or not; KTO's format)
+
+A preference or kto prompt given as a string is one user message; a completion (chosen, rejected,
+completion) given as a string is one assistant message.
+
+Which formats an objective trains on: :func:`layout_for` and :func:`check_layout`.
 
 Problems are ``(field, reason)`` pairs; the reader prefixes them with ``FILE:LINE``. Field names
 are the user's own (``conversations[2].from`` for sharegpt, not loft's internal names).
@@ -15,12 +22,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from loft.data.validate import Problem, check_conversation, check_preference
+from loft.core.errors import DataError
+from loft.data.validate import Problem, check_conversation, check_kto, check_preference
 
-FORMATS = ("chat", "sharegpt", "alpaca", "completion", "preference")
+FORMATS = ("chat", "sharegpt", "alpaca", "completion", "preference", "kto")
 SFT_FORMATS = ("chat", "sharegpt", "alpaca", "completion")
+PREFERENCE_FORMATS = ("preference", "kto")  # paired, unpaired
+
+# The rows an objective trains on: sft (input_ids + labels), paired (dpo, orpo, simpo: prompt,
+# chosen and rejected ids) or unpaired (kto: prompt and completion ids with a label).
+Layout = Literal["sft", "paired", "unpaired"]
+OBJECTIVES = ("auto", "sft", "dpo", "kto", "orpo", "simpo")
 
 # What each format looks like, for error messages.
 FORMAT_SHAPES = {
@@ -29,6 +43,7 @@ FORMAT_SHAPES = {
     "alpaca": "instruction + output (+ optional input)",
     "completion": "text",
     "preference": "prompt + chosen + rejected",
+    "kto": "prompt + completion + label",
 }
 
 SHAREGPT_ROLES = {
@@ -75,6 +90,8 @@ def detect_format(obj: dict[str, Any]) -> str | None:
         return "sharegpt"
     if "chosen" in keys or "rejected" in keys:
         return "preference"
+    if "completion" in keys:  # a missing label is then reported as such, not "unknown format"
+        return "kto"
     if "instruction" in keys or "output" in keys:
         return "alpaca"
     if "text" in keys:
@@ -100,6 +117,8 @@ def to_canonical(obj: dict[str, Any], fmt: str) -> tuple[dict[str, Any] | None, 
         return _completion(obj)
     if fmt == "preference":
         return _preference(obj)
+    if fmt == "kto":
+        return _kto(obj)
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -220,6 +239,7 @@ def _completion(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Proble
 
 
 def _side(obj: dict[str, Any], key: str, role: str) -> tuple[list[dict[str, str]] | None, list]:
+    """A prompt (``role`` user) or a completion (``role`` assistant): a string or messages."""
     value = _maybe_json_list(obj.get(key))
     if isinstance(value, str):
         if not value.strip():
@@ -229,6 +249,8 @@ def _side(obj: dict[str, Any], key: str, role: str) -> tuple[list[dict[str, str]
         return None, [(key, "missing field")]
     if not isinstance(value, list):
         return None, [(key, f"expected a string or a list of messages, got {_type_name(value)}")]
+    if not value:
+        return None, [(key, f"empty list, expected at least one {role} message")]
     return _message_list(value, key, "role", "content", None)
 
 
@@ -255,6 +277,77 @@ def _preference(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Proble
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, []
 
 
+def _label(value: Any) -> tuple[bool | None, list[Problem]]:
+    """A boolean; CSV cells (text) may say true/false in any case."""
+    if isinstance(value, bool):
+        return value, []
+    if value is None:
+        return None, [("label", "missing field")]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true", []
+    got = _type_name(value)
+    if isinstance(value, str | int | float):
+        got += f" {value!r}"
+    return None, [("label", f"expected true (desirable) or false (undesirable), got {got}")]
+
+
+def _kto(obj: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
+    prompt, p1 = _side(obj, "prompt", "user")
+    completion, p2 = _side(obj, "completion", "assistant")
+    label, p3 = _label(obj.get("label"))
+    problems = p1 + p2 + p3
+    if problems or prompt is None or completion is None or label is None:
+        return None, problems
+    problems = check_kto(prompt, completion)
+    if problems:
+        return None, problems
+    return {"prompt": prompt, "completion": completion, "label": label}, []
+
+
+def layout_for(objective: str, file_format: str | None) -> Layout:
+    """The rows ``objective`` trains on; ``auto`` follows the file (pairs for a preference
+    file, unpaired rows for a kto file, else sft)."""
+    if objective not in OBJECTIVES:
+        raise DataError(
+            f"unknown objective {objective!r}", hint=f"Use one of: {', '.join(OBJECTIVES)}"
+        )
+    if objective == "auto":
+        return {"preference": "paired", "kto": "unpaired"}.get(file_format or "", "sft")
+    if objective == "sft":
+        return "sft"
+    return "unpaired" if objective == "kto" else "paired"
+
+
+def check_layout(path: str, fmt: str | None, layout: Layout) -> None:
+    """Refuse a file whose format the objective cannot train on."""
+    if fmt is None:
+        return  # nothing valid was recognised: the problems say why
+    if layout == "sft" and fmt in PREFERENCE_FORMATS:
+        shape = "prompt/chosen/rejected" if fmt == "preference" else "prompt/completion/label"
+        raise DataError(
+            f"{path}: {fmt} data ({shape}) is for preference tuning, with `objective: "
+            "dpo|kto|orpo|simpo`; supervised fine-tuning (objective: sft) needs chat, sharegpt, "
+            "alpaca or completion records",
+            hint="Set objective: dpo (or kto, orpo, simpo) in the config, or run "
+            "`loft data prepare FILE --objective dpo`; `loft data validate FILE` checks the file.",
+        )
+    if layout == "paired" and fmt == "kto":
+        raise DataError(
+            f"{path}: a paired objective on unpaired data: dpo, orpo and simpo need a chosen and "
+            "a rejected completion of the same prompt, and this file's rows are unpaired "
+            "(prompt/completion/label)",
+            hint="Use objective: kto for unpaired rows, or a preference file "
+            "(prompt/chosen/rejected).",
+        )
+    if layout != "sft" and fmt not in PREFERENCE_FORMATS:
+        raise DataError(
+            f"{path}: {fmt} records hold no preferences; preference objectives need "
+            "prompt/chosen/rejected pairs (dpo, orpo, simpo; kto too) or prompt/completion/label "
+            "rows (kto)",
+            hint="Use objective: sft for this file.",
+        )
+
+
 def canonical_json(data: dict[str, Any]) -> str:
     """The normalised record as one stable string (for hashing, dedup and fingerprints)."""
     return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -265,6 +358,6 @@ def record_text(data: dict[str, Any]) -> str:
     if "text" in data:
         return data["text"]
     parts: list[str] = []
-    for key in ("messages", "prompt", "chosen", "rejected"):
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
         parts.extend(m["content"] for m in data.get(key, []))
     return "\n".join(parts)

@@ -265,8 +265,7 @@ def read_file(
 
     majority: str | None = format if format != "auto" else None
     if format == "auto":
-        majority, mixed = mixed_format_problems([(r.loc, f) for r, _, f in candidates])
-        off = {i for i, _ in mixed}
+        majority, mixed, off = mixed_format_problems([(r.loc, f) for r, _, f in candidates])
         for i, reason in mixed:
             raw = candidates[i][0]
             problems.append((raw.line, f"{raw.loc}: record: {reason}"))

@@ -83,57 +83,131 @@ def _turn_order(messages: list[dict[str, str]], field: str) -> list[Problem]:
     return []
 
 
-def check_preference(
-    prompt: list[dict[str, str]], chosen: list[dict[str, str]], rejected: list[dict[str, str]]
-) -> list[Problem]:
-    """A preference pair: the prompt ends with a user turn; chosen/rejected are assistant turns."""
+def _check_prompt(prompt: list[dict[str, str]]) -> list[Problem]:
+    """A preference/KTO prompt: the SFT rules, except that it ends with the user turn the
+    completions answer (a trailing assistant turn would be trained as if the model had said it)."""
     problems: list[Problem] = []
     for i, m in enumerate(prompt):
         if m["role"] not in ROLES:
             problems.append(
                 (f"prompt[{i}].role", f"unknown role {m['role']!r} (allowed: {', '.join(ROLES)})")
             )
+        elif m["role"] == "system" and i > 0:
+            problems.append(
+                (
+                    f"prompt[{i}].role",
+                    f"system message at index {i}; a system message is allowed only as the "
+                    "first message",
+                )
+            )
         if not m["content"].strip():
-            problems.append((f"prompt[{i}].content", "empty content"))
-    if prompt and prompt[-1]["role"] != "user" and not problems:
-        problems.append(
+            problems.append(
+                (f"prompt[{i}].content" if len(prompt) > 1 else "prompt", "empty content")
+            )
+    if problems:
+        return problems
+    roles = [m["role"] for m in prompt]
+    if roles[-1] != "user":
+        last = len(roles) - 1
+        an = "an" if roles[-1][0] in "aeiou" else "a"
+        return [
             (
                 "prompt",
-                f"ends with a {prompt[-1]['role']} message; a prompt must end with a user turn",
+                f"ends with {an} {roles[-1]} message at index {last}; a conversational prompt "
+                "must end with the user turn that the completions answer",
+            )
+        ]
+    order = _turn_order([*prompt, {"role": "assistant", "content": "x"}], "prompt")
+    return order
+
+
+def _check_completion(key: str, side: list[dict[str, str]]) -> list[Problem]:
+    problems: list[Problem] = []
+    for i, m in enumerate(side):
+        one = len(side) == 1
+        if m["role"] != "assistant":
+            reason = f"expected role 'assistant', got {m['role']!r}"
+            problems.append((f"{key}[{i}].role", reason))
+        if not m["content"].strip():
+            problems.append((key if one else f"{key}[{i}].content", "empty content"))
+    return problems
+
+
+def _normalised(side: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(m["role"], " ".join(m["content"].split())) for m in side]
+
+
+def check_preference(
+    prompt: list[dict[str, str]], chosen: list[dict[str, str]], rejected: list[dict[str, str]]
+) -> list[Problem]:
+    """A preference pair: the prompt ends with a user turn; chosen and rejected are non-empty
+    assistant turns, and they differ (identical sides give the loss nothing to prefer)."""
+    problems = _check_prompt(prompt)
+    problems += _check_completion("chosen", chosen) + _check_completion("rejected", rejected)
+    if not problems and _normalised(chosen) == _normalised(rejected):
+        problems.append(
+            (
+                "rejected",
+                "identical to chosen (ignoring whitespace); a pair must prefer one reply over "
+                "a different one",
             )
         )
-    for key, side in (("chosen", chosen), ("rejected", rejected)):
-        for i, m in enumerate(side):
-            if m["role"] != "assistant":
-                reason = f"expected role 'assistant', got {m['role']!r}"
-                problems.append((f"{key}[{i}].role", reason))
-            if not m["content"].strip():
-                problems.append((f"{key}[{i}].content" if len(side) > 1 else key, "empty content"))
     return problems
+
+
+def check_kto(prompt: list[dict[str, str]], completion: list[dict[str, str]]) -> list[Problem]:
+    """An unpaired (KTO) row: the prompt rules of a pair, one non-empty assistant completion."""
+    return _check_prompt(prompt) + _check_completion("completion", completion)
+
+
+_KINDS = {
+    "preference": "paired (prompt/chosen/rejected)",
+    "kto": "unpaired (prompt/completion/label)",
+}
 
 
 def mixed_format_problems(
     formats: list[tuple[str, str]],
-) -> tuple[str | None, list[tuple[int, str]]]:
-    """``formats`` is [(loc, format)] in file order. Returns the majority format and, for each
-    record of another format, (index, reason). Ties go to the format seen first."""
+) -> tuple[str | None, list[tuple[int, str]], set[int]]:
+    """``formats`` is [(loc, format)] in file order. Returns the majority format, the problems
+    to report as (index, reason), and the indices of every record of another format (all
+    invalid). Ties go to the format seen first. Each record of another format is reported, except
+    paired rows in an unpaired file or the reverse: one problem, at the first of them, with
+    their count."""
     if not formats:
-        return None, []
+        return None, [], set()
     counts = Counter(f for _, f in formats)
     first_seen = {f: i for i, (_, f) in reversed(list(enumerate(formats)))}
     majority = max(counts, key=lambda f: (counts[f], -first_seen[f]))
     n = len(formats)
-    out = []
+    out: list[tuple[int, str]] = []
+    off: set[int] = set()
     for i, (_, fmt) in enumerate(formats):
-        if fmt != majority:
-            out.append(
-                (
-                    i,
-                    f"format {fmt!r} differs from the file's majority format {majority!r} "
-                    f"({counts[majority]} of {n} records); one file must use one format",
-                )
+        if fmt == majority:
+            continue
+        off.add(i)
+        if {fmt, majority} == set(_KINDS):
+            if i == first_seen[fmt]:
+                out.append((i, _mixed_kinds(fmt, majority, counts, n)))
+            continue
+        out.append(
+            (
+                i,
+                f"format {fmt!r} differs from the file's majority format {majority!r} "
+                f"({counts[majority]} of {n} records); one file must use one format",
             )
-    return majority, out
+        )
+    return majority, out, off
+
+
+def _mixed_kinds(fmt: str, majority: str, counts: Counter, n: int) -> str:
+    more = counts[fmt] - 1
+    rest = f" (and {more} more after it)" if more else ""
+    return (
+        f"{_KINDS[fmt]} row{rest} in a file of {_KINDS[majority]} rows ({counts[majority]} of "
+        f"{n} records); one file must hold one kind: pairs for dpo, orpo and simpo (kto can "
+        "derive its rows from pairs), or unpaired rows for kto"
+    )
 
 
 @dataclass
