@@ -7,8 +7,6 @@ from typing import Any
 
 import typer
 
-DEFAULT_METRICS = "eval_loss,json_exact_match"
-
 
 def register(root: typer.Typer) -> None:
     @root.command("eval")
@@ -19,11 +17,13 @@ def register(root: typer.Typer) -> None:
             help="Registry ref (name@champion, name:3), run dir, adapter folder or base model.",
         ),
         data: Path = typer.Option(..., "--data", help="Held-out records (jsonl/json/csv/parquet)."),
-        metrics: str = typer.Option(
-            DEFAULT_METRICS,
+        metrics: str | None = typer.Option(
+            None,
             "--metrics",
             help="Comma-separated: eval_loss, perplexity, exact_match, json_exact_match, rouge_l, "
-            "or module.path:function.",
+            "preference_accuracy, reward_margin, or module.path:function. Default: "
+            "eval_loss,json_exact_match; on a preference file preference_accuracy,reward_margin,"
+            "eval_loss (log-ratios against --baseline, else the model's base).",
         ),
         baseline: str | None = typer.Option(
             None, "--baseline", help="A second MODEL_REF to compare against (same data)."
@@ -78,7 +78,7 @@ def register(root: typer.Typer) -> None:
         report = evaluate_model(
             model_ref,
             data,
-            metrics=[m for m in metrics.split(",") if m.strip()],
+            metrics=None if metrics is None else [m for m in metrics.split(",") if m.strip()],
             baseline=baseline,
             scorer=scorer,
             max_new_tokens=max_new_tokens,
@@ -106,7 +106,7 @@ def register(root: typer.Typer) -> None:
 def _fmt(value: float | None, metric: str, *, signed: bool = False) -> str:
     if value is None:
         return "-"
-    if metric in ("eval_loss", "perplexity"):
+    if metric in ("eval_loss", "perplexity", "reward_margin"):
         return f"{value:+.4f}" if signed else f"{value:.4f}"
     return f"{value * 100:+.1f} pts" if signed else f"{value:.1%}"
 

@@ -46,6 +46,11 @@ class TrainingInterrupted(LoftError):
     """A run stopped on SIGINT/SIGTERM after saving a checkpoint; resume with --resume."""
 
 
+class TrainingDiverged(LoftError):
+    """The loss became NaN or infinite, or training left the weights as they were: the run
+    stopped (with a checkpoint from before the bad step, where there was one)."""
+
+
 class GateRefused(LoftError):
     """A promotion gate failed; ``promotion`` holds every check with its value."""
 
@@ -91,6 +96,7 @@ ERROR_TABLE: dict[type[LoftError], tuple[int, int]] = {
     HardwareError: (2, 400),
     IntegrityError: (1, 409),
     TrainingInterrupted: (130, 503),
+    TrainingDiverged: (1, 500),
     GateRefused: (3, 409),
     AuthenticationError: (2, 401),
     PermissionDeniedError: (2, 403),

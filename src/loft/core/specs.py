@@ -7,10 +7,12 @@ Unknown keys are rejected; every problem is reported at once by ``loft.core.conf
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class Strict(BaseModel):
@@ -24,7 +26,11 @@ class Method(StrEnum):
     qlora = "qlora"
 
 
-DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "completion", "preference"]
+DataFormat = Literal["auto", "chat", "sharegpt", "alpaca", "completion", "preference", "kto"]
+Objective = Literal["sft", "dpo", "kto", "orpo", "simpo"]
+PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")
+REFERENCE_OBJECTIVES = ("dpo", "kto")  # ORPO and SimPO have no reference model
+PREFERENCE_FORMATS = ("preference", "kto")
 
 
 class DataSpec(Strict):
@@ -113,6 +119,35 @@ class TrainingSpec(Strict):
     )
 
 
+class PreferenceSpec(Strict):
+    """Parameters of the preference objectives (``objective`` other than sft)."""
+
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="DPO/KTO: weight of the KL penalty against the reference (default 0.1); "
+        "SimPO: reward scale (default 2.0); not used by ORPO.",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO only: sigmoid (DPO), ipo (IPO) or hinge (SLiC)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="DPO/SimPO: assumed share of flipped labels (cDPO)."
+    )
+    reference: Literal["auto", "base", "init", "precomputed"] = Field(
+        "auto",
+        description="DPO/KTO reference: base (adapter disabled), init (the init_from model), "
+        "precomputed (only the cached log-probs, never a model pass); auto: init with init_from, "
+        "else base.",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable examples.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable examples.")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO: weight of the odds-ratio term.")
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="SimPO: target reward margin, as a ratio of beta (gamma / beta)."
+    )
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(
         None, description="MLflow URI; default MLFLOW_TRACKING_URI or LOFT_HOME."
@@ -135,6 +170,19 @@ class TrainConfig(Strict):
         description="Builtin or added model, local HF dir, or cached hub id.",
     )
     method: Method = Field(Method.lora, description="qlora needs CUDA.")
+    objective: Objective = Field(
+        "sft",
+        description="sft (supervised), or preference tuning: dpo, orpo, simpo (pairs), kto "
+        "(completions labelled desirable or not).",
+    )
+    init_from: str | None = Field(
+        None,
+        description="NAME:VERSION of a registered model to continue from (e.g. an SFT adapter "
+        "before DPO); it becomes the new version's parent.",
+    )
+    preference: PreferenceSpec = Field(
+        default_factory=PreferenceSpec, description="Preference objectives' parameters."
+    )
     data: DataSpec = Field(description="The dataset.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (not for full).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -156,14 +204,126 @@ class TrainConfig(Strict):
     def _register_true(cls, v: RegisterSpec | bool) -> RegisterSpec | bool:
         return RegisterSpec() if v is True else v
 
-    @model_validator(mode="after")
-    def _method_needs(self) -> TrainConfig:
-        if self.data.format == "preference":
-            raise ValueError(
-                "data.format 'preference' is for preference training (DPO), not supervised "
-                "fine-tuning; use chat, sharegpt, alpaca or completion"
+    @model_validator(mode="wrap")
+    @classmethod
+    def _combinations(cls, data: Any, handler: Any) -> TrainConfig:
+        """Combinations of keys that cannot run together, reported with the field problems
+        (pydantic runs an "after" validator only once every field is valid)."""
+        try:
+            cfg, errors = handler(data), []
+        except ValidationError as e:
+            cfg, errors = None, e.errors()
+        if cfg is not None:
+            combos = combination_problems(lambda path: _attr_path(cfg, path))
+        elif isinstance(data, dict):
+            combos = combination_problems(lambda path: _raw_path(data, path))
+        else:
+            combos = []
+        if not errors and not combos:
+            return cfg
+        details = [_detail(e["type"], e["loc"], e["msg"], e.get("input")) for e in errors]
+        details += [
+            _detail("combination", tuple(key.split(".")), msg, _raw_path(data, key))
+            for key, msg in combos
+        ]
+        raise ValidationError.from_exception_data(cls.__name__, details)
+
+    @property
+    def is_preference(self) -> bool:
+        return self.objective != "sft"
+
+
+def _detail(kind: str, loc: tuple, msg: str, value: Any) -> InitErrorDetails:
+    # the message goes in as a context value, so braces in it are never read as a template
+    return InitErrorDetails(
+        type=PydanticCustomError(kind, "{msg}", {"msg": msg}), loc=loc, input=value
+    )
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _raw_path(doc: Any, path: str) -> Any:
+    """The value at ``path`` in an unvalidated config dict, or the schema's default."""
+    model: Any = TrainConfig
+    value: Any = doc
+    for part in path.split("."):
+        field = model.model_fields.get(part) if model is not None else None
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif field is not None and not field.is_required():
+            value = field.get_default(call_default_factory=True)
+        else:
+            return None
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+    return value
+
+
+def combination_problems(get: Callable[[str], Any]) -> list[tuple[str, str]]:
+    """(key path, problem) for each combination of keys that cannot run together; ``get``
+    reads a key path (a validated config, or a raw one with the schema's defaults)."""
+    out: list[tuple[str, str]] = []
+    obj, fmt, ref = get("objective"), get("data.format"), get("preference.reference")
+    if obj == "sft" and fmt in PREFERENCE_FORMATS:
+        out.append(
+            (
+                "data.format",
+                f"{fmt!r} is preference data; set objective to dpo, orpo or simpo (pairs) or kto "
+                "(or use chat, sharegpt, alpaca or completion records for sft)",
             )
-        return self
+        )
+    elif obj in PAIRED_OBJECTIVES and fmt == "kto":
+        out.append(
+            (
+                "data.format",
+                f"objective {obj} needs pairs (prompt/chosen/rejected), but 'kto' rows are "
+                "unpaired: use objective kto, or pair the completions",
+            )
+        )
+    elif obj not in (None, "sft") and fmt not in (*PREFERENCE_FORMATS, "auto"):
+        out.append(
+            ("data.format", f"objective {obj} trains on preference data, not {fmt!r} records")
+        )
+    if obj not in (None, "sft") and get("data.packing") is False:
+        out.append(
+            (
+                "data.packing",
+                f"objective {obj} trains on packed rows (padding-free, per-example attention); "
+                "remove data.packing: false",
+            )
+        )
+    if obj not in (None, "sft"):
+        for key, what in (("train_on_inputs", "trains on prompts"), ("canaries", "adds canaries")):
+            if get(f"data.{key}"):
+                out.append(
+                    (
+                        f"data.{key}",
+                        f"{what} for supervised fine-tuning; preference objectives train on "
+                        "completions only: remove it",
+                    )
+                )
+    mbs = get("training.micro_batch_size")
+    if obj == "kto" and isinstance(mbs, int) and mbs < 2:
+        out.append(
+            (
+                "training.micro_batch_size",
+                "KTO estimates its KL reference point over the micro-batch; use at least 2",
+            )
+        )
+    if obj in ("orpo", "simpo") and ref not in (None, "auto"):
+        out.append(("preference.reference", f"{obj} has no reference model; remove this key"))
+    if obj in REFERENCE_OBJECTIVES and ref == "init" and not get("init_from"):
+        out.append(("preference.reference", "'init' needs init_from (the model to start from)"))
+    loss_type = get("preference.loss_type")
+    if obj != "dpo" and loss_type not in (None, "sigmoid"):
+        out.append(("preference.loss_type", f"is a DPO setting, and the objective is {obj}"))
+    return out
 
 
 class ServeConfig(Strict):

@@ -43,6 +43,7 @@ class Target:
     path: Path | None = None
     base_model: str | None = None
     registry_ref: str | None = None  # set when loaded from the registry
+    pair_logps: Any = None  # [n, 2] (chosen, rejected) log-probs, when preference metrics ran
 
 
 def registry_module() -> Any | None:

@@ -20,12 +20,14 @@ from typing import Any
 from loft.core.errors import ConfigError, DataError
 from loft.core.specs import TrackingSpec
 from loft.evaluate.loading import Target, load_target
+from loft.evaluate.preference_eval import PREFERENCE_METRICS, is_pair
 from loft.evaluate.scorers import SCORERS
 
 Scorer = Callable[[str, str], float]
 LOSS_METRICS = ("eval_loss", "perplexity")
 GENERATION_SCORERS: dict[str, Scorer] = dict(SCORERS)
 DEFAULT_METRICS = ("eval_loss", "json_exact_match")
+PREFERENCE_DEFAULTS = ("preference_accuracy", "reward_margin", "eval_loss")
 
 
 @dataclass
@@ -68,15 +70,21 @@ def import_scorer(spec: str) -> tuple[str, Scorer]:
     return attr, fn
 
 
-def _plan(metrics: Sequence[str], scorer: str | None) -> tuple[list[str], dict[str, Scorer]]:
-    """Which loss metrics and which named generation scorers to compute; unknown names raise."""
+def _plan(
+    metrics: Sequence[str], scorer: str | None
+) -> tuple[list[str], dict[str, Scorer], list[str]]:
+    """Which loss metrics, named generation scorers and preference metrics to compute; unknown
+    names raise."""
     loss: list[str] = []
     gen: dict[str, Scorer] = {}
+    pref: list[str] = []
     unknown: list[str] = []
     for m in [*metrics, *([scorer] if scorer else [])]:
         m = m.strip()
         if m in LOSS_METRICS:
             loss.append(m)
+        elif m in PREFERENCE_METRICS:
+            pref.append(m)
         elif m in GENERATION_SCORERS:
             gen[m] = GENERATION_SCORERS[m]
         elif ":" in m:
@@ -85,14 +93,25 @@ def _plan(metrics: Sequence[str], scorer: str | None) -> tuple[list[str], dict[s
         elif m:
             unknown.append(m)
     if unknown:
-        known = ", ".join([*LOSS_METRICS, *sorted(GENERATION_SCORERS)])
+        known = ", ".join([*LOSS_METRICS, *sorted(GENERATION_SCORERS), *PREFERENCE_METRICS])
         raise ConfigError(
             f"unknown metric(s): {', '.join(unknown)}",
             hint=f"Choose from: {known}, or a scorer as `module.path:function`.",
         )
-    if not loss and not gen:
+    if not loss and not gen and not pref:
         raise ConfigError("no metrics to compute", hint=f"Pass e.g. {','.join(DEFAULT_METRICS)}.")
-    return list(dict.fromkeys(loss)), gen
+    return list(dict.fromkeys(loss)), gen, list(dict.fromkeys(pref))
+
+
+def _as_chat(record: dict[str, Any]) -> dict[str, Any]:
+    """A preference pair as the chat record its chosen reply makes (for loss and generation)."""
+    if not is_pair(record):
+        return record
+    prompt = record["prompt"]
+    prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    chosen = record["chosen"]
+    chosen = chosen if isinstance(chosen, list) else [{"role": "assistant", "content": chosen}]
+    return {"messages": [*prompt, *chosen]}
 
 
 def read_eval_records(path: str | Path, n: int | None = None) -> list[dict[str, Any]]:
@@ -119,12 +138,18 @@ def _measure(
     loss: list[str],
     gen: dict[str, Scorer],
     gen_kwargs: dict[str, Any],
+    pref: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     from loft.evaluate.harness import generate, split_record
     from loft.evaluate.loss_eval import eval_loss
 
     out: dict[str, float] = {}
     samples: list[dict[str, str]] = []
+    if pref:
+        from loft.evaluate.preference_eval import pair_logps
+
+        target.pair_logps = pair_logps(target.model, target.tokenizer, records)
+    records = [_as_chat(r) for r in records]
     if loss:
         result = eval_loss(target.model, target.tokenizer, records)
         out.update({m: float(result[m]) for m in loss})
@@ -142,18 +167,48 @@ def _measure(
     return out, samples
 
 
-def _load_and_measure(ref: str, records, loss, gen, gen_kwargs) -> tuple[Target, dict, list]:
+def _load_and_measure(
+    ref: str, records, loss, gen, gen_kwargs, pref: bool = False
+) -> tuple[Target, dict, list]:
     from loft.evaluate.harness import say
 
     say(f"loading {ref} to score {len(records)} records", gen_kwargs.get("progress", False))
     target = load_target(ref)
     try:
-        metrics, samples = _measure(target, records, loss, gen, gen_kwargs)
+        metrics, samples = _measure(target, records, loss, gen, gen_kwargs, pref)
     finally:
         model, target.model = target.model, None
         del model
         gc.collect()
     return target, metrics, samples
+
+
+def _preference(
+    cand: Target,
+    base: Target | None,
+    records: list[dict[str, Any]],
+    pref: list[str],
+    metrics: dict[str, float],
+    progress: bool,
+) -> tuple[str, dict[str, float]]:
+    """(the reference's name, ``metrics`` with the preference metrics): the log-ratios of the
+    candidate against the baseline, or else against the candidate's base model."""
+    from loft.evaluate.preference_eval import preference_metrics
+
+    if base is not None:
+        ref_name, ref_logps = base.name, base.pair_logps
+    else:
+        if cand.kind == "base" or not cand.base_model:
+            raise ConfigError(
+                f"{', '.join(pref)} compare {cand.name} with a reference, and it has no base "
+                "model of its own to compare with.",
+                hint="Pass --baseline MODEL_REF (e.g. the SFT version a DPO model started from).",
+            )
+        ref_name = cand.base_model
+        ref, _, _ = _load_and_measure(ref_name, records, [], {}, {"progress": progress}, True)
+        ref_logps = ref.pair_logps
+    got = preference_metrics(cand.pair_logps, ref_logps)
+    return ref_name, {**metrics, **{m: got[m] for m in pref}}
 
 
 def compare_rows(
@@ -196,7 +251,7 @@ def evaluate_model(
     ref: str,
     data_path: str | Path,
     *,
-    metrics: Sequence[str] = DEFAULT_METRICS,
+    metrics: Sequence[str] | None = None,
     baseline: str | None = None,
     scorer: str | None = None,
     max_new_tokens: int = 64,
@@ -211,14 +266,28 @@ def evaluate_model(
     For a registry reference every metric is recorded on the version as an evaluation entry
     naming exactly what was scored (the records' fingerprint, their count, ``max_new_tokens``
     for generation metrics), so gates compare it only with numbers measured the same way."""
-    loss, gen = _plan(metrics, scorer)  # bad metric names fail before any model is loaded
     records = read_eval_records(data_path, n)
+    if metrics is None:  # a preference file is scored as pairs, anything else as chats
+        metrics = PREFERENCE_DEFAULTS if records and is_pair(records[0]) else DEFAULT_METRICS
+    loss, gen, pref = _plan(metrics, scorer)  # bad metric names fail before any model is loaded
+    if pref:
+        bad = [i for i, r in enumerate(records) if not is_pair(r)]
+        if bad:
+            raise DataError(
+                f"{data_path}: {', '.join(pref)} need preference pairs (prompt, chosen, "
+                f"rejected); record {bad[0]} is not one ({len(bad)} of {len(records)} are not).",
+                hint="Pass a held-out preference file, or drop the preference metrics.",
+            )
     gen_kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "progress": progress}
-    cand, cand_metrics, samples = _load_and_measure(ref, records, loss, gen, gen_kwargs)
+    measure = (loss, gen, gen_kwargs, bool(pref))
+    cand, cand_metrics, samples = _load_and_measure(ref, records, *measure)
     base: Target | None = None
     base_metrics: dict[str, float] | None = None
     if baseline:
-        base, base_metrics, _ = _load_and_measure(baseline, records, loss, gen, gen_kwargs)
+        base, base_metrics, _ = _load_and_measure(baseline, records, *measure)
+    reference = None
+    if pref:
+        reference, cand_metrics = _preference(cand, base, records, pref, cand_metrics, progress)
     report = EvalReport(
         ref=cand.name,
         data=str(Path(data_path)),
@@ -235,13 +304,17 @@ def evaluate_model(
         from loft.registry.evaluations import make_entries, on_data, records_fingerprint
 
         path, fp = str(Path(data_path).resolve()), records_fingerprint(records)
-        settings = {"max_new_tokens": max_new_tokens}
+        settings = {"max_new_tokens": max_new_tokens, "reference": reference}
+
+        def on_for(m: str) -> dict[str, Any]:
+            return on_data(path, fp, len(records), m, settings)
+
         entries = make_entries(
             cand_metrics,
             on=None,
             source=source,
             mlflow_run_id=report.mlflow_run_id,
-            on_for=lambda m: on_data(path, fp, len(records), m, settings),
+            on_for=on_for,
         )
         registry.record_evaluation(cand.registry_ref, entries)
     return report

@@ -25,6 +25,9 @@ from loft import __version__
 # which settings change which metric: the rest of a run's settings do not enter its basis
 GENERATION_SETTINGS = ("max_new_tokens",)
 LOSS_METRICS = ("eval_loss", "perplexity")
+# log-ratios against a reference model: the reference (a version, or the base) is their setting
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
+PREFERENCE_SETTINGS = ("reference",)
 
 
 def basis_of(on: Mapping[str, Any] | None) -> str | None:
@@ -48,7 +51,14 @@ def on_data(
     path: str, fingerprint: str, records: int, metric: str, settings: Mapping[str, Any]
 ) -> dict[str, Any]:
     """``on`` for ``metric`` scored on ``records`` records of a held-out file."""
-    relevant = {} if metric in LOSS_METRICS else {k: settings[k] for k in GENERATION_SETTINGS}
+    keys = (
+        ()
+        if metric in LOSS_METRICS
+        else PREFERENCE_SETTINGS
+        if metric in PREFERENCE_METRICS
+        else GENERATION_SETTINGS
+    )
+    relevant = {k: settings[k] for k in keys}
     return {
         "kind": "data",
         "path": path,

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from loft.core.errors import ConfigError
+from loft.core.paths import read_json_object
 from loft.core.specs import TrainConfig
 from loft.train.device import Placement
 
@@ -24,9 +26,57 @@ def load_dtypes(method: str, placement: Placement) -> tuple[torch.dtype, torch.d
     return (compute if frozen_on_gpu else torch.float32), compute
 
 
-def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.nn.Module:
+def init_version(config: TrainConfig, info: Any) -> Any:
+    """The registered version ``init_from`` names (verified), checked against the method and
+    the base model; None without init_from."""
+    if not config.init_from:
+        return None
+    from loft.registry import get_version
+
+    mv = get_version(config.init_from)
+    kind = mv.card.get("kind")
+    label = f"init_from {mv.name}:{mv.version}"
+    adapters = config.method != "full"
+    if adapters and kind != "adapter":
+        raise ConfigError(
+            f"{label} is a full model, and method {config.method} trains an adapter on base_model.",
+            hint=f"Set base_model to the full model's folder ({mv.path}) and drop init_from, or "
+            "use method full.",
+        )
+    if not adapters and kind != "full":
+        raise ConfigError(
+            f"{label} is an adapter; method full continues a full model.",
+            hint="Use method lora or dora to continue the adapter, or merge it first.",
+        )
+    base = (mv.card.get("lineage") or {}).get("base_model") or {}
+    if adapters and base.get("sha256") and info.sha256 and base["sha256"] != info.sha256:
+        raise ConfigError(
+            f"{label} was trained on {base.get('name')} (sha256 {str(base['sha256'])[:12]}), "
+            f"not on base_model {info.name} (sha256 {str(info.sha256)[:12]}).",
+            hint=f"Set base_model: {base.get('name')}",
+        )
+    if adapters:
+        dora = bool(read_json_object(mv.path / "adapter_config.json").get("use_dora"))
+        if dora != (config.method == "dora"):
+            have, want = ("dora" if dora else "lora"), config.method
+            raise ConfigError(
+                f"{label} is a {have} adapter, and method is {want}.",
+                hint=f"Set method: {have} to continue it.",
+            )
+    return mv
+
+
+def build_model(
+    config: TrainConfig, info: Any, placement: Placement, init: Any = None
+) -> torch.nn.Module:
+    """The model to train: the base (or ``init``, a registered full model) with a fresh adapter,
+    or ``init``'s adapter loaded trainable (its own rank, alpha and targets)."""
     from loft.models import load_causal_lm
 
+    if init is not None and init.card.get("kind") == "full":
+        from dataclasses import replace
+
+        info = replace(info, path=init.path)
     method = config.method
     kwargs: dict[str, Any] = {}
     dtype, compute = load_dtypes(method, placement)
@@ -55,6 +105,10 @@ def build_model(config: TrainConfig, info: Any, placement: Placement) -> torch.n
     if method == "full":
         model.requires_grad_(True)
         return model
+    if init is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(init.path), is_trainable=True)
     from peft import LoraConfig, get_peft_model
 
     lcfg = config.lora

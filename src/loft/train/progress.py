@@ -32,8 +32,10 @@ class TrainProgress:
             )
             self._bar.start()
 
-    def update(self, step: int, loss: float, tok_s: float, lr: float, eta_s: float | None) -> None:
-        info = f"loss {loss:.4f}  {tok_s:,.0f} tok/s  lr {lr:.2e}"
+    def update(
+        self, step: int, loss: float, tok_s: float, lr: float, eta_s: float | None, extra: str = ""
+    ) -> None:
+        info = f"loss {loss:.4f}  {extra + '  ' if extra else ''}{tok_s:,.0f} tok/s  lr {lr:.2e}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         elif self.enabled and (time.monotonic() - self._last_line > 10 or step == self.total):

@@ -21,7 +21,7 @@ import torch
 
 from loft import __version__
 from loft.core.config import flatten
-from loft.core.errors import HardwareError, LoftError, TrainingInterrupted
+from loft.core.errors import HardwareError, LoftError, TrainingDiverged, TrainingInterrupted
 from loft.core.paths import atomic_dir, atomic_write_json, runs_dir
 from loft.core.specs import RegisterSpec, TrainConfig
 from loft.data.packing import collate, count_label_tokens
@@ -35,7 +35,7 @@ from loft.train.device import (
     plan_placement,
 )
 from loft.train.loss import loss_sum
-from loft.train.model_setup import build_model, count_params
+from loft.train.model_setup import build_model, count_params, init_version
 from loft.train.preflight import refuse_if_too_big, run_preflight
 from loft.train.progress import TrainProgress
 from loft.train.signals import GracefulStop
@@ -145,19 +145,20 @@ def _train(
     config, run_dir, summary, placement, resume, progress, tracker, started, force
 ) -> RunResult:
     run_id = run_dir.name
-    from loft.data import prepare_dataset
     from loft.models import load_tokenizer, resolve_model
 
     info = resolve_model(config.base_model)
+    init = init_version(config, info)  # the registered version to continue from, verified
     tokenizer = load_tokenizer(info)
-    dataset = prepare_dataset(config.data, tokenizer, progress=progress)
-    train_rows = _rows(dataset.train)
-    eval_rows = _rows(dataset.eval) if dataset.eval is not None else []
-    if not train_rows:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    objective = _objective(config, tokenizer, pad_id, placement, progress, info, init)
+    dataset = objective.dataset
+    n_train = objective.size("train")
+    if not n_train:
         raise LoftError(f"no trainable examples left in {config.data.train} after preparation.")
 
-    plan = make_plan(config, len(train_rows))
-    pre = run_preflight(config, placement, train_rows, plan)
+    plan = make_plan(config, n_train)
+    pre = objective.preflight(config, placement, plan)
     summary["memory_estimate"] = pre.to_dict()
     rundir.write_summary(run_dir, summary)
     if not force:
@@ -169,12 +170,14 @@ def _train(
             raise
 
     torch.manual_seed(config.training.seed)
-    model = build_model(config, info, placement)
+    model = build_model(config, info, placement, init)
     trainable, total = count_params(model)
     optimizer, scheduler = _optimizer(config, model, plan.total_steps)
 
     if tracker is None:
         tracker = _open_tracker(config, run_id, summary.get("mlflow_run_id"))
+    # before a checkpoint is loaded: the model is still as it started (the reference, if any)
+    objective.setup(model, run_dir, summary)
     summary.update(
         mlflow_run_id=tracker.run_id,
         dataset_fingerprint=dataset.fingerprint,
@@ -195,8 +198,7 @@ def _train(
     summary["sessions"] = [*summary.get("sessions", []), session]
     rundir.write_summary(run_dir, summary)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loop = _Loop(config, model, optimizer, scheduler, plan, placement, pad_id, tracker)
+    loop = _Loop(config, model, optimizer, scheduler, plan, placement, objective, tracker)
     if loop.scaler is not None and state.get("grad_scaler"):
         loop.scaler.load_state_dict(state["grad_scaler"])
     bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
@@ -207,14 +209,15 @@ def _train(
             always=True,
         )
     bar.note(
-        f"run {run_id}: {config.method} on {info.name} ({trainable:,} of {total:,} params "
-        f"trainable), {len(train_rows):,} examples, {plan.total_steps} steps, "
+        f"run {run_id}: {objective.describe(config.method)} on {info.name} ({trainable:,} of "
+        f"{total:,} params trainable), {n_train:,} {objective.unit}, {plan.total_steps} steps, "
         f"{placement.describe()}"
     )
     status = "failed"
     try:
         with GracefulStop() as stop:
-            loop.run(train_rows, eval_rows, start_step, state, run_dir, bar, stop)
+            loop.run(start_step, state, run_dir, bar, stop)
+        objective.finish(model)  # e.g. the weights must have moved
         status = "completed"
     except TrainingInterrupted:
         status = "interrupted"
@@ -245,10 +248,82 @@ def _train(
     return RunResult(run_dir=run_dir, summary=summary)
 
 
+class SftObjective:
+    """Next-token cross-entropy on the labelled (assistant) positions, normalised over the
+    optimizer step's label tokens. The other objectives (loft.train.preference) have the same
+    shape: data, micro-batches, a summed loss with the count it is normalised by, metrics."""
+
+    unit = "examples"
+
+    def __init__(self, config: TrainConfig, tokenizer: Any, pad_id: int, placement, progress):
+        from loft.data import prepare_dataset
+
+        self.config, self.pad_id, self.device = config, pad_id, placement.device
+        self.dataset = prepare_dataset(config.data, tokenizer, progress=progress)
+        self.rows = {
+            "train": _rows(self.dataset.train),
+            "eval": _rows(self.dataset.eval) if self.dataset.eval is not None else [],
+        }
+
+    def describe(self, method: str) -> str:
+        return str(method)
+
+    def size(self, split: str) -> int:
+        return len(self.rows[split])
+
+    def preflight(self, config: TrainConfig, placement: Placement, plan: StepPlan):
+        return run_preflight(config, placement, self.rows["train"], plan)
+
+    def setup(self, model: torch.nn.Module, run_dir: Path, summary: dict) -> None:
+        """Work before the first step (preference objectives: the reference pass)."""
+
+    def batch(self, split: str, idx: list[int]) -> dict[str, Any]:
+        rows = self.rows[split]
+        b = collate(
+            [rows[i] for i in idx], packing=self.config.data.packing, pad_token_id=self.pad_id
+        )
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return count_label_tokens(batch)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]):
+        """(summed loss, {metric: (sum, count)})."""
+        ls, _ = loss_sum(model, batch)
+        return ls, {}
+
+    def step_metrics(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+        return {}
+
+    def watch(self, done: int, total: int, metrics: dict[str, float], bar: TrainProgress) -> None:
+        """Look at a finished step's metrics (preference objectives: warn on a dead signal)."""
+
+    def progress(self, metrics: dict[str, float]) -> str:
+        """Extra text for the progress line."""
+        return ""
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """Checks once the last step ran (preference objectives: the weights moved)."""
+
+
+def _objective(config: TrainConfig, tokenizer, pad_id: int, placement, progress, info, init):
+    if config.objective == "sft":
+        return SftObjective(config, tokenizer, pad_id, placement, progress)
+    from loft.train.preference import PreferenceObjective
+
+    return PreferenceObjective(config, tokenizer, placement, progress, info=info, init=init)
+
+
+def _add(sums: dict[str, tuple[float, float]], more: dict[str, tuple[float, float]]) -> None:
+    for k, (v, n) in more.items():
+        a, m = sums.get(k, (0.0, 0.0))
+        sums[k] = (a + v, m + n)
+
+
 class _Loop:
-    def __init__(self, config, model, optimizer, scheduler, plan, placement, pad_id, tracker):
+    def __init__(self, config, model, optimizer, scheduler, plan, placement, objective, tracker):
         self.config, self.model, self.opt, self.sched = config, model, optimizer, scheduler
-        self.plan, self.placement, self.pad_id, self.tracker = plan, placement, pad_id, tracker
+        self.plan, self.placement, self.obj, self.tracker = plan, placement, objective, tracker
         self.session_tokens = 0
         self.session_s = 0.0
         self.steps_run = 0  # optimizer steps taken by this process
@@ -261,26 +336,26 @@ class _Loop:
             return torch.autocast(self.placement.device, dtype=dtype)
         return contextlib.nullcontext()
 
-    def _batch(self, rows: list[dict], idx: list[int]) -> dict[str, Any]:
-        b = collate(
-            [rows[i] for i in idx], packing=self.config.data.packing, pad_token_id=self.pad_id
-        )
-        dev = self.placement.device
-        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-
-    def step(self, rows: list[dict], step: int) -> tuple[float, int]:
-        """One optimizer step over grad_accum micro-batches; the loss is averaged over all of
-        the step's label tokens, so micro-batching does not change the gradient."""
-        batches = [self._batch(rows, mb) for mb in self.plan.micro_batches(step)]
-        n_total = sum(count_label_tokens(b) for b in batches)
+    def step(self, step: int) -> tuple[float, int, dict[str, float]]:
+        """One optimizer step over grad_accum micro-batches; the loss is normalised over the
+        whole step's count (label tokens for SFT, pairs or examples for preference objectives),
+        so micro-batching does not change the gradient. A NaN or infinite loss takes no step."""
+        batches = [self.obj.batch("train", mb) for mb in self.plan.micro_batches(step)]
+        n_total = max(sum(self.obj.count(b) for b in batches), 1)
         total_loss = 0.0
+        sums: dict[str, tuple[float, float]] = {}
         scaler = self.scaler
         for b in batches:
             with self._autocast():
-                ls, _ = loss_sum(self.model, b)
-            scaled = ls / max(n_total, 1)
+                ls, more = self.obj.loss(self.model, b)
+            scaled = ls / n_total
             (scaler.scale(scaled) if scaler else scaled).backward()
             total_loss += float(ls.detach())
+            _add(sums, more)
+        loss = total_loss / n_total
+        if not math.isfinite(loss):
+            self.opt.zero_grad(set_to_none=True)
+            raise _NonFinite(loss)
         if scaler:
             scaler.unscale_(self.opt)  # clip the true gradients
         clip = self.config.training.max_grad_norm
@@ -295,25 +370,28 @@ class _Loop:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return total_loss / max(n_total, 1), sum(b["num_tokens"] for b in batches)
+        tokens = sum(b["num_tokens"] for b in batches)
+        return loss, tokens, self.obj.step_metrics(sums)
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict]) -> float | None:
-        if not rows:
-            return None
+    def evaluate(self) -> tuple[float | None, dict[str, float]]:
+        n_rows = self.obj.size("eval")
+        if not n_rows:
+            return None, {}
         self.model.eval()
         mbs = self.config.training.micro_batch_size
         total, n = 0.0, 0
-        for i in range(0, len(rows), mbs):
+        sums: dict[str, tuple[float, float]] = {}
+        for i in range(0, n_rows, mbs):
+            b = self.obj.batch("eval", list(range(i, min(i + mbs, n_rows))))
             with self._autocast():
-                ls, k = loss_sum(
-                    self.model, self._batch(rows, list(range(i, min(i + mbs, len(rows)))))
-                )
-            total, n = total + float(ls), n + k
+                ls, more = self.obj.loss(self.model, b)
+            total, n = total + float(ls), n + self.obj.count(b)
+            _add(sums, more)
         self.model.train()
-        return total / max(n, 1)
+        return total / max(n, 1), self.obj.step_metrics(sums)
 
-    def run(self, rows, eval_rows, start_step, state, run_dir, bar, stop) -> None:
+    def run(self, start_step, state, run_dir, bar, stop) -> None:
         t = self.config.training
         total = self.plan.total_steps
         recent = deque(state["recent_losses"], maxlen=10)
@@ -327,7 +405,17 @@ class _Loop:
                     hint="Continue with the same command plus --resume.",
                 )
             t0 = time.perf_counter()
-            loss, ntok = self.step(rows, step)
+            try:
+                loss, ntok, extra = self.step(step)
+            except _NonFinite as e:
+                self._save(run_dir, step, state, recent)
+                raise TrainingDiverged(
+                    f"step {step + 1}/{total}: the loss is {e.value}; the step was not taken. "
+                    f"Checkpoint of the weights before it: {run_dir / 'checkpoints'}"
+                    f"/step-{step:08d}.",
+                    hint="Lower training.lr (or raise warmup_ratio), check the data of this step "
+                    "(`loft data validate`), then continue with --resume, or start over.",
+                ) from None
             dt = time.perf_counter() - t0
             self.steps_run += 1
             self.session_tokens += ntok
@@ -339,13 +427,16 @@ class _Loop:
             tok_s = self.session_tokens / max(self.session_s, 1e-9)
             lr = self.sched.get_last_lr()[0]
             metrics = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s}
-            if eval_rows and (done % t.eval_every == 0 or done == total):
-                state["eval_loss"] = self.evaluate(eval_rows)
+            metrics.update({f"train/{k}": v for k, v in extra.items()})
+            if self.obj.size("eval") and (done % t.eval_every == 0 or done == total):
+                state["eval_loss"], eval_extra = self.evaluate()
                 metrics["eval/loss"] = state["eval_loss"]
+                metrics.update({f"eval/{k}": v for k, v in eval_extra.items()})
                 bar.note(f"step {done}: eval loss {state['eval_loss']:.4f}")
+            self.obj.watch(done, total, extra, bar)
             self.tracker.log_metrics(metrics, step=done)
             eta = (total - done) * self.session_s / max(done - start_step, 1)
-            bar.update(done, loss, tok_s, lr, eta)
+            bar.update(done, loss, tok_s, lr, eta, extra=self.obj.progress(extra))
             if done % t.save_every == 0 and done < total:
                 self._save(run_dir, done, state, recent)
         state["recent_losses"] = list(recent)
@@ -363,6 +454,12 @@ class _Loop:
             state=state,
             keep=self.config.training.keep_checkpoints,
         )
+
+
+class _NonFinite(Exception):
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
 
 
 def _rows(ds: Any) -> list[dict]:
@@ -449,13 +546,15 @@ def _save_output(config, model, tokenizer, run_dir, info, dataset, metrics) -> P
 
 
 def registered_name(config: TrainConfig) -> str:
-    """``register.name``, else ``run_name``, else ``<train file's folder>-<method>``."""
+    """``register.name``, else ``run_name``, else ``<train file's folder>-<method>`` (for
+    preference objectives ``-<objective>``: support_tickets-dpo)."""
     import re
 
     reg = config.register
     if isinstance(reg, RegisterSpec) and reg.name:
         return reg.name
-    base = config.run_name or f"{Path(config.data.train).resolve().parent.name}-{config.method}"
+    what = config.method if config.objective == "sft" else config.objective
+    base = config.run_name or f"{Path(config.data.train).resolve().parent.name}-{what}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._")[:64] or "model"
 
 
@@ -468,6 +567,7 @@ def _register(config: TrainConfig, run_dir: Path, bar: TrainProgress) -> dict[st
     from loft.registry import register
 
     parent = config.register.parent if isinstance(config.register, RegisterSpec) else None
+    parent = parent or config.init_from  # continuing a version makes it the parent
     try:
         mv = register(run_dir, name=registered_name(config), parent=parent)
     except LoftError as e:
