@@ -393,3 +393,21 @@ def test_invalid_preference_combinations_are_refused_together_with_their_keys(tm
         validate_config(orpo)
     with pytest.raises(ConfigError, match="data.format: got 'preference': 'preference' is pref"):
         validate_config({"data": {"train": "x.jsonl", "format": "preference"}})
+
+
+@pytest.mark.unit
+def test_plan_of_a_dpo_config_is_the_estimate_train_records(
+    tmp_path: Path, tiny_model: Path, loft_home: Path
+):
+    """`loft plan CONFIG` for a preference config measures the same micro-batch train does:
+    both sequences of every pair, logits on completion positions only."""
+    from loft.train.preflight import preflight_config
+    from loft.train.sft import train
+
+    cfg = pref_config(tmp_path, tiny_model, training={"max_steps": 2})
+    planned = preflight_config(cfg, capacity_bytes=1 << 40)
+    assert planned.shape == "data"
+    result = train(cfg, progress=False, tracker=Tracker())
+    recorded = result.summary["memory_estimate"]
+    assert planned.micro_batch_tokens == recorded["micro_batch_tokens"]
+    assert planned.estimate.total_bytes == recorded["total_bytes"]

@@ -297,16 +297,29 @@ def _prepared_rows(config: TrainConfig, progress: bool) -> tuple[list[dict], Any
     missing = [p for p in (config.data.train, config.data.eval) if p and not Path(p).is_file()]
     if missing:
         return f"data file {missing[0]} not found"
-    from loft.data import prepare_dataset
     from loft.models import load_tokenizer, resolve_model
-    from loft.train.sft import _rows
 
     try:
         tokenizer = load_tokenizer(resolve_model(config.base_model, verify=False))
-        dataset = prepare_dataset(config.data, tokenizer, progress=progress)
+        if config.objective == "sft":
+            from loft.data import prepare_dataset
+            from loft.train.sft import _rows
+
+            dataset = prepare_dataset(config.data, tokenizer, progress=progress)
+            rows = _rows(dataset.train)
+        else:  # as the preference objective measures its micro-batches: both sequences a pair
+            from loft.core.specs import PAIRED_OBJECTIVES
+            from loft.data import prepare_preference_dataset
+            from loft.train.preference import _as_sft_row
+            from loft.train.preference import _rows as preference_rows
+
+            paired = config.objective in PAIRED_OBJECTIVES
+            dataset = prepare_preference_dataset(
+                config.data, tokenizer, paired=paired, progress=progress
+            )
+            rows = [_as_sft_row(r, paired) for r in preference_rows(dataset.train, paired)]
     except LoftError as e:
         return f"{config.data.train} could not be prepared here ({str(e).splitlines()[0]})"
-    rows = _rows(dataset.train)
     if not rows:
         return f"no trainable examples in {config.data.train} after preparation"
     return rows, dataset
