@@ -179,3 +179,36 @@ def vllm_engine_without_vllm(config):
     eng.cache = cache_for(config, eng.base, load_slot=eng._load_slot, unload_slot=lambda slot: None)
     eng._max_rank = 16
     return eng
+
+
+class MemoryTracker:
+    """A tracker keeping every logged metric in memory (no MLflow); with ``stop_after`` it sends
+    this process SIGINT once that step is logged, as Ctrl-C does to a real run (the loop then
+    saves a checkpoint and stops)."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.run_id = None
+        self.stop_after = stop_after
+        self.metrics: list[tuple[int, dict]] = []
+        self.finished_status: str | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["train/loss"] for _, m in self.metrics]
+
+    def log_params(self, params) -> None:
+        return None
+
+    def log_metrics(self, metrics, step) -> None:
+        self.metrics.append((step, dict(metrics)))
+        if step == self.stop_after:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        return None
+
+    def set_tags(self, tags) -> None:
+        return None
+
+    def finish(self, status="FINISHED") -> None:
+        self.finished_status = status

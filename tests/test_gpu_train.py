@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import MemoryTracker
 from loft.core.config import validate_config
 from loft.core.errors import TrainingInterrupted
-from test_train_gpu_paths import _config, _qkv, _Tracker
+from test_train_gpu_paths import _config, _qkv
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
@@ -38,7 +39,7 @@ def test_fp16_training_with_the_scaler_learns_on_cuda(
     cfg = validate_config(
         _config(tmp_path, tiny_model, precision="fp16", max_steps=30, lr=3e-3, save_every=10)
     )
-    tracker = _Tracker()
+    tracker = MemoryTracker()
     result = sft.train(cfg, progress=False, tracker=tracker)
     assert "fp16 autocast with a gradient scaler" in result.summary["placement"]
     assert all(math.isfinite(x) for x in tracker.losses)
@@ -59,7 +60,7 @@ def test_qlora_checkpointing_is_non_reentrant_on_cuda(
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = sft.train(cfg, progress=False, tracker=_Tracker())
+        result = sft.train(cfg, progress=False, tracker=MemoryTracker())
     assert result.summary["status"] == "completed"
     assert not [w for w in caught if "use_reentrant" in str(w.message)]
 
@@ -100,10 +101,10 @@ def test_deterministic_resume_on_cuda_is_bit_exact(
     def cfg(name: str):
         return validate_config(_config(tmp_path, tiny_model, name, deterministic=True))
 
-    whole = sft.train(cfg("whole"), progress=False, tracker=_Tracker())
+    whole = sft.train(cfg("whole"), progress=False, tracker=MemoryTracker())
     with pytest.raises(TrainingInterrupted):
-        sft.train(cfg("stopped"), progress=False, tracker=_Tracker(stop_after=3))
-    resumed = sft.train(cfg("stopped"), resume=True, progress=False, tracker=_Tracker())
+        sft.train(cfg("stopped"), progress=False, tracker=MemoryTracker(stop_after=3))
+    resumed = sft.train(cfg("stopped"), resume=True, progress=False, tracker=MemoryTracker())
     assert resumed.summary["sessions"][-1]["start_step"] == 3
     a = load_file(str(whole.run_dir / "adapter/adapter_model.safetensors"))
     b = load_file(str(resumed.run_dir / "adapter/adapter_model.safetensors"))

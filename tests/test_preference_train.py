@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import MemoryTracker
 from loft.core.config import validate_config
 from loft.core.errors import TrainingDiverged, TrainingInterrupted
 
@@ -66,27 +66,6 @@ def pref_config(tmp_path: Path, tiny_model: Path, objective: str = "dpo", name="
     return validate_config(cfg)
 
 
-class Tracker:
-    """Keeps metrics; sends this process SIGINT after ``stop_after`` steps (Ctrl-C)."""
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.run_id, self.stop_after, self.metrics = None, stop_after, []
-
-    def log_params(self, params):
-        return None
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-        if step == self.stop_after:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def log_artifact(self, path, artifact_path=None):
-        return None
-
-    def finish(self, status="FINISHED"):
-        return None
-
-
 def adapter(result) -> dict[str, torch.Tensor]:
     return load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
 
@@ -131,7 +110,7 @@ def test_dpo_starts_at_ln2_and_learns_to_prefer_chosen(
     few steps the policy prefers the chosen replies (accuracy and margins up)."""
     from loft.train.sft import train
 
-    tracker = Tracker()
+    tracker = MemoryTracker()
     cfg = pref_config(tmp_path, tiny_model, training={"max_steps": 12, "eval_every": 6})
     result = train(cfg, progress=False, tracker=tracker)
     first = tracker.metrics[0][1]
@@ -152,7 +131,7 @@ def test_other_objectives_train_and_log_rewards(
 ):
     from loft.train.sft import train
 
-    tracker = Tracker()
+    tracker = MemoryTracker()
     result = train(pref_config(tmp_path, tiny_model, objective), progress=False, tracker=tracker)
     assert result.summary["status"] == "completed"
     losses = [m["train/loss"] for _, m in tracker.metrics]
@@ -168,13 +147,13 @@ def test_resume_reuses_the_cached_reference_and_ends_where_an_uninterrupted_run_
     from loft.train.sft import train
 
     whole = train(
-        pref_config(tmp_path, tiny_model, name="whole"), progress=False, tracker=Tracker()
+        pref_config(tmp_path, tiny_model, name="whole"), progress=False, tracker=MemoryTracker()
     )
     assert whole.summary["reference"]["cached"] is False  # the first run computes it
     cfg = pref_config(tmp_path, tiny_model, name="stopped")
     with pytest.raises(TrainingInterrupted):
-        train(cfg, progress=False, tracker=Tracker(stop_after=3))
-    resumed = train(cfg, resume=True, progress=False, tracker=Tracker())
+        train(cfg, progress=False, tracker=MemoryTracker(stop_after=3))
+    resumed = train(cfg, resume=True, progress=False, tracker=MemoryTracker())
     ref = resumed.summary["reference"]
     assert ref["cached"] is True and ref["computed_examples"] == 0
     assert ref["key"] == whole.summary["reference"]["key"]
@@ -208,8 +187,8 @@ def test_init_from_continues_a_registered_sft_adapter_as_reference_and_parent(
             "register": False,
         }
     )
-    mv = register(train(sft, progress=False, tracker=Tracker()).run_dir, name="tickets-lora")
-    tracker = Tracker()
+    mv = register(train(sft, progress=False, tracker=MemoryTracker()).run_dir, name="tickets-lora")
+    tracker = MemoryTracker()
     cfg = pref_config(
         tmp_path, tiny_model, init_from="tickets-lora:1", register={"name": "tickets-dpo"}
     )
@@ -243,7 +222,7 @@ def test_a_nan_loss_stops_before_the_step_with_a_checkpoint_naming_it(
     monkeypatch.setattr(PreferenceObjective, "loss", poisoned)
     cfg = pref_config(tmp_path, tiny_model, training={"eval_every": 100})
     with pytest.raises(TrainingDiverged, match=r"step 3/6: the loss is nan") as e:
-        train(cfg, progress=False, tracker=Tracker())
+        train(cfg, progress=False, tracker=MemoryTracker())
     assert "--resume" in e.value.hint
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert ckpt.is_dir()
@@ -273,7 +252,7 @@ def test_an_optimizer_that_moves_nothing_warns_and_fails_the_final_check(
     monkeypatch.setattr(sft, "_optimizer", frozen)
     cfg = pref_config(tmp_path, tiny_model, training={"eval_every": 100})
     with pytest.raises(TrainingDiverged, match="no trainable weight changed"):
-        sft.train(cfg, progress=False, tracker=Tracker())
+        sft.train(cfg, progress=False, tracker=MemoryTracker())
     err = capsys.readouterr().err
     assert "reward margins have been 0 since the start" in err
     assert "identical to the reference" in err
@@ -296,7 +275,7 @@ def test_eval_scores_pairs_against_the_base_or_a_baseline(
     from loft.train.sft import train
 
     cfg = pref_config(tmp_path, tiny_model, training={"max_steps": 12, "eval_every": 100})
-    run = train(cfg, progress=False, tracker=Tracker())
+    run = train(cfg, progress=False, tracker=MemoryTracker())
     mv = register(run.run_dir, name="prefs-dpo")
     data = tmp_path / "prefs.jsonl"
     report = evaluate_model(f"{mv.name}:1", data, progress=False)
@@ -407,7 +386,7 @@ def test_plan_of_a_dpo_config_is_the_estimate_train_records(
     cfg = pref_config(tmp_path, tiny_model, training={"max_steps": 2})
     planned = preflight_config(cfg, capacity_bytes=1 << 40)
     assert planned.shape == "data"
-    result = train(cfg, progress=False, tracker=Tracker())
+    result = train(cfg, progress=False, tracker=MemoryTracker())
     recorded = result.summary["memory_estimate"]
     assert planned.micro_batch_tokens == recorded["micro_batch_tokens"]
     assert planned.estimate.total_bytes == recorded["total_bytes"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tomllib
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import CHAT_ROWS
+from helpers import CHAT_ROWS, MemoryTracker
 from loft.core.config import validate_config
 from loft.core.errors import HardwareError, TrainingInterrupted
 from loft.train.device import GpuCapability, Placement, choose_precision
@@ -55,28 +54,6 @@ def _config(tmp_path: Path, tiny_model: Path, name: str = "run", **training) -> 
         "output_dir": str(tmp_path / name),
         "register": False,
     }
-
-
-class _Tracker:
-    """In-memory tracker; sends this process SIGINT after ``stop_after`` steps (what Ctrl-C
-    does to a real run: the loop saves a checkpoint and stops)."""
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.run_id, self.stop_after, self.losses = None, stop_after, []
-
-    def log_params(self, params):
-        return None
-
-    def log_metrics(self, metrics, step):
-        self.losses.append(metrics["train/loss"])
-        if step == self.stop_after:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def log_artifact(self, path, artifact_path=None):
-        return None
-
-    def finish(self, status="FINISHED"):
-        return None
 
 
 # ---------------------------------------------------------------- 4: native bf16 only
@@ -165,7 +142,9 @@ def test_fp16_runs_scale_the_loss_and_resume_with_the_scalers_state(
 
     monkeypatch.setattr(torch.amp.GradScaler, "scale", scale)
     whole = sft.train(
-        validate_config(_config(tmp_path, tiny_model, "whole")), progress=False, tracker=_Tracker()
+        validate_config(_config(tmp_path, tiny_model, "whole")),
+        progress=False,
+        tracker=MemoryTracker(),
     )
     assert whole.summary["status"] == "completed"
     assert scaled and scaled[0] == 65536.0  # the scaler's initial scale: the loss was scaled
@@ -173,12 +152,12 @@ def test_fp16_runs_scale_the_loss_and_resume_with_the_scalers_state(
 
     cfg = validate_config(_config(tmp_path, tiny_model, "stopped"))
     with pytest.raises(TrainingInterrupted):
-        sft.train(cfg, progress=False, tracker=_Tracker(stop_after=3))
+        sft.train(cfg, progress=False, tracker=MemoryTracker(stop_after=3))
     state = json.loads(
         (tmp_path / "stopped/checkpoints/step-00000003/trainer_state.json").read_text()
     )
     assert state["grad_scaler"]["scale"] > 0
-    resumed = sft.train(cfg, resume=True, progress=False, tracker=_Tracker())
+    resumed = sft.train(cfg, resume=True, progress=False, tracker=MemoryTracker())
     assert resumed.summary["sessions"][-1]["start_step"] == 3
     a = load_file(str(whole.run_dir / "adapter/adapter_model.safetensors"))
     b = load_file(str(resumed.run_dir / "adapter/adapter_model.safetensors"))
@@ -306,7 +285,7 @@ def test_deterministic_runs_turn_on_deterministic_algorithms_and_restore_them(
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(sft, "build_model", build)
-    result = sft.train(cfg, progress=False, tracker=_Tracker())
+    result = sft.train(cfg, progress=False, tracker=MemoryTracker())
     assert seen == [(True, ":4096:8")]
     assert result.summary["placement"].endswith("deterministic algorithms")
     # the process is left as it was: later work in it (a job worker, a study) is not slowed
