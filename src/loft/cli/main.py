@@ -47,7 +47,9 @@ def _register() -> None:
         audit,
         data,
         demo,
+        export,
         keys,
+        merge,
         models,
         plan,
         registry,
@@ -71,6 +73,8 @@ def _register() -> None:
     watch.register(app)
     serve.register(app)
     plan.register(app)
+    merge.register(app)
+    export.register(app)
 
 
 _register()
