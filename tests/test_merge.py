@@ -171,3 +171,32 @@ def test_export_check_vllm_refuses_dora_and_passes_lora(tmp_path, loft_home, tin
 
     assert run_cli("export", str(lora), "--check", "vllm", "--max-lora-rank", "8") == 0
     assert run_cli("export", str(lora), "--check", "vllm", "--max-lora-rank", "3") == 2
+
+
+@pytest.mark.integration
+def test_merge_verifies_on_the_versions_eval_split(tmp_path, loft_home, tiny_model):
+    from helpers import CHAT_ROWS
+    from loft.core.specs import DataSpec
+    from loft.data.prepare import prepare_dataset
+    from loft.export import merge_adapter
+    from loft.models import load_tokenizer, resolve_model
+
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in CHAT_ROWS
+    ]
+    data, held_out = tmp_path / "chat.jsonl", tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_out.write_text(data.read_text().replace("?", "? (held out)"))
+    spec = DataSpec(train=str(data), eval=str(held_out), max_seq_len=64, dedup=False, pii="off")
+    prepared = prepare_dataset(spec, load_tokenizer(resolve_model(str(tiny_model))), progress=False)
+    adapter = make_lora_adapter(tmp_path / "adapter", tiny_model, seed=6)
+    lineage = json.loads((adapter / "lineage.json").read_text())
+    lineage["dataset_fingerprint"] = prepared.fingerprint
+    (adapter / "lineage.json").write_text(json.dumps(lineage))
+
+    report = merge_adapter(str(adapter), out=tmp_path / "merged")
+    assert report.prompt_source == f"eval split of dataset {prepared.fingerprint[:12]}"
+    assert report.fp32.prompts == len(CHAT_ROWS)
+    assert report.fp32.max_abs_logit_diff <= 1e-4
+    assert report.fp32.greedy_identical == len(CHAT_ROWS)
