@@ -99,6 +99,44 @@ def test_packed_completion_logps_equal_each_sequence_scored_alone(tiny_model: Pa
             assert math.isclose(float(got[j]), want, rel_tol=1e-5, abs_tol=1e-5), (j, got, want)
 
 
+@pytest.mark.unit
+def test_pairs_packed_with_a_shared_prompt_equal_the_prompt_fed_twice(tiny_model: Path):
+    """pack_pairs feeds each prompt once (rejected reads it as a prefix): the log-probabilities
+    and the LoRA gradients equal those of pack_sequences' prompt + chosen, prompt + rejected
+    layout, with fewer tokens fed."""
+    from peft import LoraConfig, get_peft_model
+
+    from loft.models import load_causal_lm, resolve_model
+    from loft.train.attention import register
+    from loft.train.preference import completion_logps, pack_pairs, pack_sequences
+
+    torch.manual_seed(0)
+    model = load_causal_lm(resolve_model(str(tiny_model)), dtype=torch.float32)
+    model = get_peft_model(
+        model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.eval().set_attn_implementation(register())
+    g = torch.Generator().manual_seed(1)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(5, 200, (n,), generator=g).tolist()
+
+    pairs = [(rand(p), rand(c), rand(r)) for p, c, r in ((7, 3, 5), (4, 9, 1), (11, 1, 2))]
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    results = []
+    for batch in (pack_sequences(seqs), pack_pairs(pairs)):
+        model.zero_grad()
+        lp = completion_logps(model, batch)
+        (lp * torch.arange(1.0, 7.0)).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((lp.detach(), grads, batch["num_tokens"]))
+    (want, want_g, fed_twice), (got, got_g, fed_once) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert fed_twice - fed_once == sum(len(p) for p, _, _ in pairs)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -122,6 +160,31 @@ def test_dpo_starts_at_ln2_and_learns_to_prefer_chosen(
     s = result.summary
     assert s["status"] == "completed" and s["reference"]["kind"] == "base"
     assert s["reference"]["computed_examples"] == 12  # 10 train + 2 eval pairs, once
+
+
+@pytest.mark.unit
+def test_the_reference_pass_keeps_no_autograd_graph(
+    tmp_path: Path, tiny_model: Path, loft_home: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The reference log-probabilities are computed before the first step without autograd (a
+    graph there would only hold activations no backward ever reads)."""
+    from loft.train import preference
+    from loft.train.sft import train
+
+    calls: list[bool] = []
+    real = preference.completion_logps
+
+    def recording(model, batch):
+        calls.append(torch.is_grad_enabled())
+        return real(model, batch)
+
+    monkeypatch.setattr(preference, "completion_logps", recording)
+    cfg = pref_config(tmp_path, tiny_model, training={"max_steps": 1, "eval_every": 1})
+    result = train(cfg, progress=False, tracker=MemoryTracker())
+    assert result.summary["reference"]["computed_examples"] == 12
+    micro = cfg.training.micro_batch_size
+    n_ref = math.ceil(10 / micro) + math.ceil(2 / micro)
+    assert calls[:n_ref] == [False] * n_ref and True in calls[n_ref:], calls
 
 
 @pytest.mark.unit

@@ -33,7 +33,7 @@ def pair_logps(
     """[n, 2]: summed log-probabilities of (chosen, rejected) for each pair under ``model``."""
     from loft.data.preference import end_of_turn_ids, tokenize_preference
     from loft.train.attention import register
-    from loft.train.preference import completion_logps, pack_sequences
+    from loft.train.preference import completion_logps, pack_pairs
 
     eot = end_of_turn_ids(tokenizer)
     rows, problems = [], []
@@ -61,9 +61,9 @@ def pair_logps(
         with torch.inference_mode():
             for s in range(0, len(rows), batch_size):
                 chunk = rows[s : s + batch_size]
-                seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in chunk]
-                seqs += [(r["prompt_ids"], r["rejected_ids"]) for r in chunk]
-                batch = pack_sequences(seqs)
+                batch = pack_pairs(
+                    [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in chunk]
+                )
                 batch = {
                     k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()
                 }

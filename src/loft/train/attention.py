@@ -13,6 +13,12 @@ int32 ``cu_seq_lens_q`` tensor on the device (what the varlen kernel reads) and 
 ``loft_seq_bounds``, a tuple of Python ints made by the collator on the CPU, which the per-example
 path slices by. Reading boundaries out of a CUDA tensor (``.tolist()``) would stall the GPU in every
 layer of every step.
+
+A segment can also read a shared prefix placed earlier in the row (``loft_seq_prefix``: per
+segment, ``(start, end)`` of its prefix or None): a preference pair is packed as prompt + chosen +
+rejected, the rejected segment attending to the prompt's keys and values, so the prompt is fed
+once per pair instead of twice. Such rows take the per-example path (varlen kernels have no
+shared prefix).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 
 NAME = "loft_packed"
 BOUNDS_KEY = "loft_seq_bounds"
+PREFIX_KEY = "loft_seq_prefix"
 
 _HALF = (torch.float16, torch.bfloat16)
 _flash: list[Callable[..., torch.Tensor] | None] = []  # resolved once: the kernel, or None
@@ -77,7 +84,8 @@ def packed_attention(
             query, key, value, dropout_p=p, scale=scaling, is_causal=True, enable_gqa=gqa
         )
         return out.transpose(1, 2).contiguous(), None
-    flash = use_flash(query)
+    prefixes = kwargs.get(PREFIX_KEY)
+    flash = None if prefixes else use_flash(query)
     if flash is not None and query.shape[0] == 1:
         longest = kwargs.get("max_length_q")
         if longest is None:  # one sync; the trainer always passes it
@@ -98,20 +106,36 @@ def packed_attention(
     bounds = kwargs.get(BOUNDS_KEY)
     if bounds is None:
         bounds = cu.tolist()  # a sync on CUDA: the trainer passes the CPU bounds instead
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e],
-            key[:, :, s:e],
-            value[:, :, s:e],
-            dropout_p=p,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=gqa,
+    segments = zip(bounds[:-1], bounds[1:], prefixes or [None] * (len(bounds) - 1), strict=True)
+    parts = []
+    for s, e, prefix in segments:
+        q, k, v, mask = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None
+        if prefix is not None:  # keys and values of the prefix, then the segment's own
+            ps, pe = prefix
+            k = torch.cat([key[:, :, ps:pe], k], dim=2)
+            v = torch.cat([value[:, :, ps:pe], v], dim=2)
+            mask = _after_prefix(e - s, pe - ps, query.device)
+        parts.append(
+            F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=p,
+                scale=scaling,
+                is_causal=mask is None,
+                enable_gqa=gqa,
+            )  # fmt: skip
         )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
     out = torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _after_prefix(length: int, prefix: int, device: torch.device) -> torch.Tensor:
+    """[length, prefix + length] bool: every query sees the whole prefix, then itself causally."""
+    own = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    seen = torch.ones(length, prefix, dtype=torch.bool, device=device)
+    return torch.cat([seen, own], dim=1)
 
 
 def register() -> str:

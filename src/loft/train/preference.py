@@ -10,9 +10,11 @@ plan, checkpoints, signals, tracking, registry); what differs is here:
    ``init_from`` (``reference: init``) — so no second copy of the model is ever held. They are
    cached beside the prepared dataset under a key of (reference model sha256, precision,
    objective), so later epochs, resumes and re-runs read them instead of recomputing.
-3. **Micro-batches**: every pair becomes two sequences (prompt + chosen, prompt + rejected),
-   packed padding-free into one row with per-example attention, and the LM head runs only on
-   completion positions; each completion reduces to the sum of its tokens' log-probabilities.
+3. **Micro-batches**: every pair is packed as prompt + chosen + rejected, padding-free, into one
+   row with per-example attention; the rejected completion attends to the prompt's keys and
+   values where they already are, so the prompt is fed once, not twice as in TRL's concatenated
+   forward (chat prompts are most of a pair's tokens). The LM head runs only on completion
+   positions; each completion reduces to the sum of its tokens' log-probabilities.
 4. **Losses** are ``loft.train.preference_loss``'s, checked against TRL's on the same tensors.
 5. **Guards**: a NaN or infinite loss stops the run before the optimizer steps (the spine),
    reward margins stuck at zero after the warm-up warn that policy and reference are the same
@@ -32,7 +34,7 @@ import torch
 
 from loft.core.errors import ConfigError, TrainingDiverged
 from loft.core.specs import PAIRED_OBJECTIVES, TrainConfig
-from loft.train.attention import BOUNDS_KEY, NAME
+from loft.train.attention import BOUNDS_KEY, NAME, PREFIX_KEY
 from loft.train.device import Placement
 from loft.train.loss import _causal_lm
 from loft.train.preference_loss import (
@@ -99,6 +101,53 @@ def pack_sequences(seqs: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
     }
 
 
+def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]]) -> dict[str, Any]:
+    """(prompt, chosen, rejected) ids -> one padding-free row ``prompt chosen rejected ...``, in
+    the layout of ``pack_sequences`` for the 2n sequences (chosen ones first, then rejected), where
+    each rejected segment reads its pair's prompt as a shared prefix (``seq_prefix``) and its
+    first token is predicted by the prompt's last position, like chosen's. Mathematically the
+    same log-probabilities as ``pack_sequences`` of (prompt, chosen) + (prompt, rejected)."""
+    n = len(pairs)
+    ids: list[int] = []
+    pos: list[int] = []
+    gather: list[list[int]] = [[] for _ in range(2 * n)]
+    targets: list[list[int]] = [[] for _ in range(2 * n)]
+    prefix: list[tuple[int, int] | None] = []
+    cu = [0]
+    for j, (prompt, chosen, rejected) in enumerate(pairs):
+        start = len(ids)
+        last = start + len(prompt) - 1  # predicts the first token of either completion
+        ids.extend([*prompt, *chosen])
+        pos.extend(range(len(prompt) + len(chosen)))
+        gather[j] = list(range(last, last + len(chosen)))
+        cu.append(len(ids))
+        prefix.append(None)
+        r0 = len(ids)
+        ids.extend(rejected)
+        pos.extend(range(len(prompt), len(prompt) + len(rejected)))
+        gather[n + j] = [last, *range(r0, r0 + len(rejected) - 1)]
+        cu.append(len(ids))
+        prefix.append((start, start + len(prompt)))
+        targets[j], targets[n + j] = list(chosen), list(rejected)
+    lengths = [len(t) for t in targets]
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+        "seq_bounds": tuple(cu),
+        "seq_prefix": tuple(prefix),
+        "max_length": max(b - a for a, b in zip(cu, cu[1:], strict=False)),
+        "gather": torch.tensor([g for gs in gather for g in gs], dtype=torch.long),
+        "targets": torch.tensor([t for ts in targets for t in ts], dtype=torch.long),
+        "segments": torch.tensor(
+            [j for j, n_tok in enumerate(lengths) for _ in range(n_tok)], dtype=torch.long
+        ),
+        "lengths": torch.tensor(lengths, dtype=torch.float32),
+        "n_seqs": 2 * n,
+        "num_tokens": len(ids),
+    }
+
+
 def completion_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """[n_seqs] summed log-probabilities of each sequence's completion tokens; the LM head runs
     only on the positions that predict them."""
@@ -108,6 +157,8 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Ten
         cu, longest = batch["cu_seq_lens"], batch["max_length"]
         extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest}
         extra.update(max_length_k=longest, **{BOUNDS_KEY: batch["seq_bounds"]})
+        if batch.get("seq_prefix"):
+            extra[PREFIX_KEY] = batch["seq_prefix"]
     else:  # one sequence per row would be needed for stock attention: packing is required
         raise ConfigError("preference training runs on packed rows (data.packing: true).")
     out = lm.get_decoder()(
@@ -176,14 +227,14 @@ class PreferenceObjective:
 
     def preflight(self, config: TrainConfig, placement: Placement, plan: Any) -> Any:
         """The planner's estimate for the largest micro-batch of sequences the plan draws: every
-        pair is two sequences (the prompt twice), logits only on completion tokens."""
+        pair is its prompt once and both completions, logits only on completion tokens."""
         from dataclasses import replace
 
         from loft.train.preflight import run_preflight
 
         rows = [_as_sft_row(r, self.paired) for r in self.rows["train"]]
         pre = run_preflight(config, placement, rows, plan)
-        what = "pairs (prompt + chosen, prompt + rejected)" if self.paired else "completions"
+        what = "pairs (prompt + chosen + rejected)" if self.paired else "completions"
         return replace(pre, shape_from=f"{pre.shape_from}, as packed {what}")
 
     def setup(self, model: torch.nn.Module, run_dir: Path, summary: dict) -> None:
@@ -239,11 +290,10 @@ class PreferenceObjective:
         rows = self.rows[split]
         picked = [rows[i] for i in idx]
         if self.paired:
-            seqs = [(r["prompt"], r["chosen"]) for r in picked]
-            seqs += [(r["prompt"], r["rejected"]) for r in picked]
+            packed = pack_pairs([(r["prompt"], r["chosen"], r["rejected"]) for r in picked])
         else:
-            seqs = [(r["prompt"], r["completion"]) for r in picked]
-        b = _to(pack_sequences(seqs), self.placement.device)
+            packed = pack_sequences([(r["prompt"], r["completion"]) for r in picked])
+        b = _to(packed, self.placement.device)
         b["count"] = len(picked)
         if self.ref:
             b["ref"] = self.ref[split][idx].to(self.placement.device)
@@ -375,7 +425,8 @@ class PreferenceObjective:
     @torch.no_grad()
     def _reference_pass(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """[n, 2] per split: (chosen, rejected) sums, or (completion, mismatched completion) for
-        KTO; from the model as it starts, its adapter disabled for the base reference."""
+        KTO; from the model as it starts, its adapter disabled for the base reference. Without
+        autograd: nothing of this forward is kept for a backward."""
         from rich.progress import Progress
 
         was_training = model.training
@@ -433,18 +484,13 @@ def _rows(ds: Any, paired: bool) -> list[dict[str, Any]]:
 
 
 def _as_sft_row(r: dict[str, Any], paired: bool) -> dict[str, Any]:
-    """A row the SFT pre-flight measures: the tokens a micro-batch holds for this example (both
-    sequences of a pair) and its trained (completion) positions."""
+    """A row the SFT pre-flight measures: the tokens a micro-batch holds for this example (a
+    pair's prompt once, then both completions, as ``pack_pairs`` lays them out) and its trained
+    (completion) positions."""
     from loft.data.packing import IGNORE_INDEX
 
-    p = r["prompt"]
-    comps = [r["chosen"], r["rejected"]] if paired else [r["completion"]]
-    ids: list[int] = []
-    labels: list[int] = []
-    for c in comps:
-        ids += p + c
-        labels += [IGNORE_INDEX] * len(p) + c
-    return {"input_ids": ids, "labels": labels}
+    comps = [*r["chosen"], *r["rejected"]] if paired else r["completion"]
+    return {"input_ids": r["prompt"] + comps, "labels": [IGNORE_INDEX] * len(r["prompt"]) + comps}
 
 
 def _to(batch: dict[str, Any], device: str) -> dict[str, Any]:
