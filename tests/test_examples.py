@@ -139,3 +139,159 @@ def test_example_config_validates(path: Path) -> None:
 def test_support_ticket_configs_cover_every_method() -> None:
     methods = {load_config(p).method for p in TICKETS.glob("*.yaml")}
     assert methods == {"lora", "dora", "full", "qlora"}
+
+
+# ------------------------------------------------------------------ the preference task (issue 13)
+
+PAIR_FILES = {"train_prefs.jsonl": "train.jsonl", "heldout_prefs.jsonl": "heldout.jsonl"}
+
+
+def _make_prefs():
+    """examples/support_tickets/make_prefs.py as a module (examples/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "support_tickets_prefs", TICKETS / "make_prefs.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.unit
+def test_dpo_config_continues_what_lora_yaml_registers() -> None:
+    """dpo.yaml's init_from is the version `loft train lora.yaml` registers (first in a fresh
+    LOFT_HOME), with the same method and adapter shape; it trains on the shipped pairs."""
+    from loft.train.sft import registered_name
+
+    sft, dpo = load_config(TICKETS / "lora.yaml"), load_config(TICKETS / "dpo.yaml")
+    assert (dpo.objective, dpo.method) == ("dpo", sft.method)
+    assert dpo.init_from == f"{registered_name(sft)}:1" == "support_tickets-lora:1"
+    assert registered_name(dpo) == "support_tickets-dpo"
+    assert dpo.lora == sft.lora
+    assert Path(dpo.data.train) == TICKETS / "train_prefs.jsonl"
+    assert dpo.preference.beta is not None and dpo.training.max_steps
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(PAIR_FILES))
+def test_shipped_pairs_pass_data_validate(name: str) -> None:
+    from helpers import run_cli
+
+    assert run_cli("data", "validate", str(TICKETS / name), "--format", "preference") == 0
+    from loft.data import validate_file
+
+    report = validate_file(TICKETS / name)
+    assert report.format == "preference" and report.ok, report
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(PAIR_FILES))
+def test_each_pair_prefers_the_reference_json_of_its_ticket(name: str) -> None:
+    """chosen is the reference answer of the chat record with the same prompt (train pairs from
+    train.jsonl, held-out pairs from heldout.jsonl only); rejected is a different answer."""
+    prefs = _make_prefs()
+    source = {
+        json.dumps(r["messages"][:2]): r["messages"][2]["content"]
+        for r in _read(TICKETS / PAIR_FILES[name])
+    }
+    pairs = _read(TICKETS / name)
+    assert len(pairs) >= 5
+    for i, pair in enumerate(pairs):
+        assert list(pair) == ["prompt", "chosen", "rejected"], i
+        assert [m["role"] for m in pair["prompt"]] == ["system", "user"], i
+        ref = source[json.dumps(pair["prompt"])]  # KeyError: a prompt from the other file
+        assert pair["chosen"] == [{"role": "assistant", "content": ref}], i
+        (rejected,) = pair["rejected"]
+        assert rejected["role"] == "assistant", i
+        assert prefs.classify(rejected["content"], ref) in prefs.KINDS, (i, rejected)
+
+
+@pytest.mark.unit
+def test_make_prefs_keeps_only_distinct_wrong_answers() -> None:
+    prefs = _make_prefs()
+    rec = _read(TICKETS / "heldout.jsonl")[0]
+    ref = rec["messages"][2]["content"]
+    labels = json.loads(ref)
+    wrong = json.dumps({**labels, "priority": "low" if labels["priority"] != "low" else "high"})
+    answers = [
+        ref,  # right
+        ref.replace(",", ", "),  # right up to whitespace
+        "",  # empty: no pair can hold it
+        wrong,
+        wrong.replace(",", ", "),  # the same wrong answer again
+        ref[:-5],  # cut off
+        f"```json\n{ref}\n```",  # the right object, wrapped
+    ]
+    pairs, counts = prefs.make_pairs([rec], [answers])
+    assert [p["rejected"][0]["content"] for p in pairs] == [wrong, ref[:-5], f"```json\n{ref}\n```"]
+    assert dict(counts) == {
+        "ok": 2, "empty": 1, "wrong": 1, "duplicate": 1, "malformed": 1, "verbose": 1,
+    }  # fmt: skip
+    assert all(p["chosen"] == [rec["messages"][2]] for p in pairs)
+    assert all(p["prompt"] == rec["messages"][:2] for p in pairs)
+
+
+@pytest.mark.unit
+def test_demo_help_documents_the_dpo_stage() -> None:
+    from typer.testing import CliRunner
+
+    from loft.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["demo", "--objective", "dpo", "--help"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    for option in ("--objective", "sft|dpo", "--pref-config", "--sft", "--heldout-prefs"):
+        assert option in result.output, option
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_dpo_stage_end_to_end_on_a_slice(loft_home: Path, tmp_path: Path) -> None:
+    """`loft demo --objective dpo` on a slice (32 tickets, 8 pairs, 2 steps each): SFT trains and
+    registers, DPO continues that version (its parent), and the JSON line holds both scores,
+    which are those of the two registered versions on the same held-out tickets."""
+    from helpers import run_loft
+
+    sft_data, pairs, held_pairs = (
+        tmp_path / "tickets.jsonl",
+        tmp_path / "p.jsonl",
+        tmp_path / "h.jsonl",
+    )
+    sft_data.write_text("".join((TICKETS / "train.jsonl").read_text().splitlines(True)[:32]))
+    pairs.write_text("".join((TICKETS / "train_prefs.jsonl").read_text().splitlines(True)[:8]))
+    held_pairs.write_text(
+        "".join((TICKETS / "heldout_prefs.jsonl").read_text().splitlines(True)[:2])
+    )
+    r = run_loft(
+        "demo", "--objective", "dpo", "--n", "2", "-q", "--heldout-prefs", str(held_pairs),
+        "--set", f"data.train={sft_data}", "--set", "training.max_steps=2",
+        "--set", "data.eval_fraction=0", "--set", "register.name=tickets-sft",
+        "--pref-set", f"data.train={pairs}", "--pref-set", "training.max_steps=2",
+        "--pref-set", "register.name=tickets-dpo",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(last) == {
+        "metric", "objective", "sft", "tuned", "preference_accuracy", "reward_margin", "sft_ref",
+        "sft_train_s", "train_s", "total_s", "run_dir",
+    }  # fmt: skip
+    assert (last["objective"], last["sft_ref"]) == ("dpo", "tickets-sft:1")
+    from loft.registry import get_version
+
+    dpo = get_version("tickets-dpo:1")
+    assert dpo.card["lineage"]["parent"] == {"name": "tickets-sft", "version": 1}
+    assert Path(last["run_dir"]) / "adapter" == Path(dpo.card["lineage"]["run"]["path"]) / "adapter"
+    assert 0.0 <= last["preference_accuracy"] <= 1.0
+    from loft.evaluate import evaluate_generation, load_jsonl_records
+    from loft.evaluate.loading import load_target
+
+    records = load_jsonl_records(TICKETS / "heldout.jsonl")[:2]
+    for key, ref in (("sft", "tickets-sft:1"), ("tuned", "tickets-dpo:1")):
+        target = load_target(ref)
+        scored = evaluate_generation(
+            target.model, target.tokenizer, records, max_new_tokens=32, progress=False
+        )
+        assert last[key] == round(scored.score, 4), key
