@@ -49,7 +49,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import queue
 import re
 import resource
 import shutil
@@ -57,6 +56,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKETS = ROOT / "examples" / "support_tickets" / "train.jsonl"
@@ -353,27 +354,6 @@ def same_loss(args: argparse.Namespace, q: mp.Queue) -> None:
     )
 
 
-def _in_child(fn, args: argparse.Namespace, q: mp.Queue) -> None:
-    sys.stdout = sys.stderr  # TRL prints its logs; stdout is the parent's (--json) alone
-    fn(args, q)
-
-
-def _child(fn, args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_in_child, args=(fn, args, q))
-    p.start()
-    while True:
-        try:
-            out = q.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                sys.exit(f"{fn.__name__} failed (exit code {p.exitcode}); see its traceback above")
-    p.join()
-    return out
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
@@ -408,9 +388,9 @@ def _bench(args: argparse.Namespace) -> None:
     # warm the caches (model conversion, dataset prep) outside the timed children
     _prepared(args)
 
-    obj = _child(same_loss, args)
-    loft = _child(run_loft, args)
-    trl = _child(run_trl, args)
+    obj = run_child(same_loss, args)
+    loft = run_child(run_loft, args)
+    trl = run_child(run_trl, args)
     ratio = loft["tokens_per_s_with_reference"] / trl["tokens_per_s"]
     cached = loft["tokens_per_s"] / trl["tokens_per_s"]
     mem = loft["peak_rss"] / trl["peak_rss"]

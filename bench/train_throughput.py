@@ -17,12 +17,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _child import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKETS = ROOT / "examples" / "support_tickets" / "train.jsonl"
@@ -177,22 +178,6 @@ def same_objective(args: argparse.Namespace, q: mp.Queue) -> None:
     q.put({"loft_loss": float(ls) / n, "stock_loss": float(stock)})
 
 
-def _child(fn, args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=fn, args=(args, q))
-    p.start()
-    while True:
-        try:
-            out = q.get(timeout=5)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                sys.exit(f"{fn.__name__} failed (exit code {p.exitcode}); see its traceback above")
-    p.join()
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -207,9 +192,9 @@ def main() -> None:
     # warm the caches (model conversion, dataset prep) outside the timed children
     _prepared(args.model, args.max_seq_len)
 
-    obj = _child(same_objective, args)
-    loft = _child(run_loft, args)
-    trl = _child(run_trl, args)
+    obj = run_child(same_objective, args)
+    loft = run_child(run_loft, args)
+    trl = run_child(run_trl, args)
     ratio = loft["tokens_per_s"] / trl["tokens_per_s"]
     result = {
         "steps": args.steps,

@@ -17,17 +17,21 @@ TICKETS = EXAMPLES / "support_tickets"
 KEYS = ["category", "priority", "product"]
 
 
-def _generator():
-    """The generator module itself (examples/ is not a package)."""
+def _example_module(filename: str):
+    """A script of examples/support_tickets as a module (examples/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "support_tickets_generate", TICKETS / "generate.py"
+        f"support_tickets_{filename[:-3]}", TICKETS / filename
     )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _generator():
+    return _example_module("generate.py")
 
 
 def _read(path: Path) -> list[dict]:
@@ -147,16 +151,7 @@ PAIR_FILES = {"train_prefs.jsonl": "train.jsonl", "heldout_prefs.jsonl": "heldou
 
 
 def _make_prefs():
-    """examples/support_tickets/make_prefs.py as a module (examples/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "support_tickets_prefs", TICKETS / "make_prefs.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _example_module("make_prefs.py")
 
 
 @pytest.mark.unit
