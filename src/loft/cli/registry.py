@@ -96,10 +96,10 @@ def show_cmd(
         f"  base:     {_fmt(lin['base_model'])} (sha256 {_fmt(lin['base_model_sha256'])})"
     )
     console.print(f"  dataset:  {_fmt(lin['dataset_fingerprint'])}")
-    parent = lin["parent"]
-    console.print(
-        f"  parent:   {parent['name']}:{parent['version']}" if parent else "  parent:   -"
-    )
+    parents = lin.get("parents") or []
+    label = "parents:" if len(parents) > 1 else "parent:"
+    refs = ", ".join(f"{p['name']}:{p['version']}" for p in parents) or "-"
+    console.print(f"  {label:<10}{refs}")
     tokens = lin["special_tokens"] or {}
     console.print(f"  tokens:   pad={_fmt(tokens.get('pad'))} eos={_fmt(tokens.get('eos'))}")
     console.print(f"  loft:     {lin['loft_version']} (git {_fmt(lin['git_commit'])})")

@@ -5,9 +5,13 @@ load inside the functions that need them).
 """
 
 from loft.export.check import NotServable, VllmReport, check_vllm
+from loft.export.combine import CombineReport, combine_adapters, read_recipe
 from loft.export.merge import MergeDrift, MergeReport, merge_adapter, resolve_adapter
 
 __all__ = [
+    "CombineReport",
+    "combine_adapters",
+    "read_recipe",
     "MergeDrift",
     "MergeReport",
     "NotServable",

@@ -187,13 +187,15 @@ def build_card(
     version: int,
     parent: dict[str, Any] | None,
     evaluations: list[dict[str, Any]],
+    parents: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The lineage card for the files already copied into ``root``."""
+    """The lineage card for the files already copied into ``root``; ``parents`` (every parent of
+    a merge of several versions) is recorded beside ``parent`` (the first of them)."""
     from loft.tracking import system_tags  # tracking is a sibling layer; train is above us
 
     fingerprint = src.lineage.get("dataset_fingerprint") or src.summary.get("dataset_fingerprint")
     template, special = tokenizer_facts(root)
-    return {
+    card = {
         "format": CARD_FORMAT,
         "name": name,
         "version": version,
@@ -222,6 +224,9 @@ def build_card(
         "files": file_records(root),
         "degraded": None,
     }
+    if parents:
+        card["lineage"]["parents"] = parents
+    return card
 
 
 def source_entries(src: Source) -> list[dict[str, Any]]:

@@ -69,6 +69,7 @@ def _flat_lineage(lin: dict[str, Any]) -> dict[str, Any]:
         "chat_template": lin.get("chat_template"),
         "special_tokens": lin.get("special_tokens"),
         "parent": lin.get("parent"),
+        "parents": lin.get("parents") or ([lin["parent"]] if lin.get("parent") else []),
         "run": lin.get("run"),
         "loft_version": lin.get("loft_version"),
         "git_commit": lin.get("git_commit"),
@@ -128,8 +129,11 @@ def register(
     name: str | None = None,
     parent: str | None = None,
     metrics: dict[str, float] | None = None,
+    parents: list[str] | None = None,
 ) -> ModelVersion:
-    """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version."""
+    """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version.
+
+    ``parents`` (a merge of several versions) names every parent; the first is ``parent``."""
     from mlflow.exceptions import MlflowException
 
     src = cards.find_source(Path(path))
@@ -138,7 +142,14 @@ def register(
         name = sanitise_name(str(raw))
     check_name(name)
     parent_ref = None
-    if parent:
+    parent_refs = None
+    if parents:
+        parent_refs = []
+        for ref in parents:
+            pv = get_version(ref, verify=False)
+            parent_refs.append({"name": pv.name, "version": pv.version})
+        parent_ref = parent_refs[0]
+    elif parent:
         pv = get_version(parent, verify=False)
         parent_ref = {"name": pv.name, "version": pv.version}
     entries = [
@@ -158,8 +169,9 @@ def register(
         with atomic_dir(final, overwrite=True) as tmp:
             cards.copy_files(src, tmp)
             card = cards.build_card(
-                src, tmp, name=name, version=version, parent=parent_ref, evaluations=entries
-            )
+                src, tmp, name=name, version=version, parent=parent_ref, evaluations=entries,
+                parents=parent_refs,
+            )  # fmt: skip
             atomic_write_json(tmp / cards.CARD, card)  # last: the completion marker
         try:
             mv = c.create_model_version(
