@@ -336,9 +336,11 @@ def test_every_optional_dependency_is_used_by_the_code():
         "optional-dependencies"
     ]
     source = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    modules = {"llama-cpp-python": "llama_cpp"}  # distributions whose module is named otherwise
     for extra, reqs in extras.items():
         if extra == "dev":  # tools for this repository, not imported by loft
             continue
         for req in reqs:
-            module = re.split(r"[<>=\[; ]", req)[0].replace("-", "_")
+            dist = re.split(r"[<>=\[; ]", req)[0]
+            module = modules.get(dist, dist.replace("-", "_"))
             assert re.search(rf"^\s*(import|from) {module}\b", source, re.M), (extra, req)
