@@ -297,11 +297,9 @@ def test_cli_eval_help():
 
 
 def test_real_registry_version_round_trip(run_dir, heldout, loft_home):
-    """With loft.registry present: eval a registered version by name:version, metrics land on it,
-    and a flipped byte in its adapter makes the evaluation refuse to load it."""
-    registry = pytest.importorskip("loft.registry")
-    if not all(hasattr(registry, f) for f in ("register", "get_version", "record_metrics")):
-        pytest.skip("loft.registry does not expose register/get_version/record_metrics yet")
+    """Eval a registered version by name:version: metrics land on it, and a flipped byte in its
+    adapter makes the evaluation refuse to load it."""
+    from loft import registry
     from loft.core.errors import IntegrityError
     from loft.evaluate.run import evaluate_model
 
