@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loft.core.errors import ConfigError, IntegrityError, NotFoundError
+from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import read_json_object
-from loft.models import load_causal_lm, load_tokenizer, resolve_model
+from loft.models import load_causal_lm, load_tokenizer, resolve_adapter_base, resolve_model
 from loft.models.manifest import combined_digest, hash_weights, pickle_files
 
 Kind = Literal["base", "adapter", "full"]
@@ -160,23 +160,10 @@ def _load_adapter(folder: Path, *, name: str) -> Target:
             "default in PEFT).",
         )
     base_name, base_sha = _lineage_base(folder)
-    if base_name is None:
-        base_name = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
-    if not base_name:
-        raise ConfigError(
-            f"{folder}: cannot tell which base model this adapter belongs to (no base_model.name "
-            "in lineage.json or card.json, no base_model_name_or_path in adapter_config.json)",
-            hint="Add base_model_name_or_path to adapter_config.json, or register the adapter "
-            "with `loft registry register PATH --name N`.",
-        )
-    info = resolve_model(str(base_name))
-    if base_sha and base_sha != info.sha256:
-        raise IntegrityError(
-            f"adapter {folder} was trained on base model {base_name} with weights sha256 "
-            f"{base_sha[:12]}…, but {base_name} now resolves to {info.path} with sha256 "
-            f"{info.sha256[:12]}…",
-            hint="Evaluate against the exact base model the adapter was trained on.",
-        )
+    info = resolve_adapter_base(
+        str(folder), base_name, base_sha, folder,
+        hint="Evaluate against the exact base model the adapter was trained on.",
+    )  # fmt: skip
     has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
     tok_info = dataclasses.replace(info, path=folder) if has_tokenizer else info
     tokenizer = load_tokenizer(tok_info)

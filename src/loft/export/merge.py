@@ -30,7 +30,7 @@ from typing import Any
 from loft import __version__
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.core.paths import atomic_dir, atomic_write_json, datasets_dir, loft_home, read_json_object
-from loft.models import ModelInfo, load_causal_lm, load_tokenizer, resolve_model
+from loft.models import ModelInfo, load_causal_lm, load_tokenizer, resolve_adapter_base
 from loft.models.manifest import combined_digest, hash_weights
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -160,24 +160,11 @@ def base_of(adapter: Adapter) -> ModelInfo:
     """The adapter's base model, refused by name when its weights are not the ones trained on."""
     base = adapter.lineage.get("base_model")
     name, sha = (base.get("name"), base.get("sha256")) if isinstance(base, dict) else (None, None)
-    if not name:
-        name = read_json_object(adapter.path / "adapter_config.json").get("base_model_name_or_path")
-    if not name:
-        raise ConfigError(
-            f"{adapter.label}: cannot tell which base model this adapter belongs to (no "
-            "base_model in its lineage, no base_model_name_or_path in adapter_config.json)",
-            hint="Add base_model_name_or_path to adapter_config.json, or register the adapter "
-            "from its run dir.",
-        )
-    info = resolve_model(str(name))
-    if sha and sha != info.sha256:
-        raise IntegrityError(
-            f"adapter {adapter.label} was trained on base model {name} with weights sha256 "
-            f"{sha[:12]}…, but {name} now resolves to {info.path} with sha256 "
-            f"{info.sha256[:12]}…; merging it into other weights would build a different model",
-            hint=f"Restore the exact base model {name} the adapter was trained on.",
-        )
-    return info
+    return resolve_adapter_base(
+        adapter.label, name, sha, adapter.path,
+        hint="Restore the exact base model the adapter was trained on; merging it into other "
+        "weights would build a different model.",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- prompts

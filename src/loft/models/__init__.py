@@ -9,6 +9,7 @@ from loft.models.store import (
     load_causal_lm,
     load_tokenizer,
     remove_model,
+    resolve_adapter_base,
     resolve_model,
     validate_name,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "remove_model",
+    "resolve_adapter_base",
     "resolve_model",
     "validate_name",
 ]

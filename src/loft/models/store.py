@@ -82,6 +82,35 @@ def resolve_model(ref: str, *, verify: bool = True) -> ModelInfo:
     raise _unknown(ref)
 
 
+def resolve_adapter_base(
+    label: str, name: str | None, sha256: str | None, adapter_dir: Path, *, hint: str
+) -> ModelInfo:
+    """The base model adapter ``label`` was trained on: ``name`` from its lineage, else
+    ``adapter_config.json``'s ``base_model_name_or_path``; refused by name when that model's
+    weights are not the recorded ``sha256`` (using it would build a different model). ``hint``
+    says what to do about a mismatch for the caller's purpose."""
+    if not name:
+        name = read_json_object(Path(adapter_dir) / "adapter_config.json").get(
+            "base_model_name_or_path"
+        )
+    if not name:
+        raise ConfigError(
+            f"{label}: cannot tell which base model this adapter belongs to (no base_model in "
+            "its lineage, no base_model_name_or_path in adapter_config.json)",
+            hint="Add base_model_name_or_path to adapter_config.json, or register the adapter "
+            "from its run dir (`loft registry register PATH`).",
+        )
+    info = resolve_model(str(name))
+    if sha256 and sha256 != info.sha256:
+        raise IntegrityError(
+            f"adapter {label} was trained on base model {name} with weights sha256 "
+            f"{sha256[:12]}…, but {name} now resolves to {info.path} with sha256 "
+            f"{info.sha256[:12]}…",
+            hint=hint,
+        )
+    return info
+
+
 def _from_store(name: str, path: Path, source: str, verify: bool, *, hint: str) -> ModelInfo:
     manifest = read_manifest(path, hint=hint)
     if manifest is None:
