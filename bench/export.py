@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/export.py [--prompts 20] [--json]
 
-A LoRA (r16, all-linear, B ~ N(0, 0.01): it moves the logits, not the language) is made on the
-builtin model in a temporary LOFT_HOME, then exported through loft's own code paths: ``loft
-merge`` (fp32, verified on its 20 probes), ``--format hf``, ``--format gguf`` at f16, q8_0 and q4_0,
-and ``--format gguf-lora``. Each GGUF is run by llama.cpp (llama-cpp-python, the ``export`` extra)
-on the same chat prompts as transformers runs the merged model (32 greedy tokens, stopping at the
-end of turn), and the number of prompts whose tokens are identical is printed; the GGUF LoRA runs
-on the base model's f16 GGUF. llama.cpp's own Q8_0 quantizer (``llama_model_quantize`` of loft's
-f16 file) is measured beside loft's q8_0 as the stock reference.
+A LoRA (r16, all-linear, B ~ N(0, 0.01): it moves the logits, not the language; made by
+``loft.models.tiny.make_random_lora``) on the builtin model in a temporary LOFT_HOME is exported
+through loft's own code paths: ``loft merge`` (fp32, verified on its 20 probes), ``--format hf``,
+``--format gguf`` at f16, q8_0 and q4_0, and ``--format gguf-lora``. Each GGUF is run by
+llama.cpp (llama-cpp-python, the ``export`` extra) on the same chat prompts as transformers runs
+the merged model (32 greedy tokens, stopping at the end of turn), and the number of prompts whose
+tokens are identical is printed; the GGUF LoRA runs on the base model's f16 GGUF. llama.cpp's own
+Q8_0 quantizer (``llama_model_quantize`` of loft's f16 file) is measured beside loft's q8_0 as the
+stock reference.
 """
 
 from __future__ import annotations
@@ -25,27 +26,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_adapter(folder: Path, info) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from loft.core.paths import atomic_write_json
-    from loft.models import load_causal_lm, load_tokenizer
-
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    model = get_peft_model(load_causal_lm(info), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    model.save_pretrained(str(folder))
-    load_tokenizer(info).save_pretrained(str(folder))
-    base = {"name": info.name, "sha256": info.sha256, "source": info.source}
-    atomic_write_json(folder / "lineage.json", {"base_model": base})
-    return folder
 
 
 def timed(fn):
@@ -96,9 +76,10 @@ def run(work: Path, prompts_text: list[str]) -> dict:
     from loft.export.merge import merge_adapter
     from loft.export.verify import chat_prompt_ids, identical, llama_greedy, transformers_greedy
     from loft.models import load_causal_lm, resolve_model
+    from loft.models.tiny import make_random_lora
 
     info = resolve_model("smollm2-135m-instruct")
-    adapter = make_adapter(work / "adapter", info)
+    adapter = make_random_lora(work / "adapter", info, r=16)
     dist = work / "dist"
     rows = []
 

@@ -126,25 +126,9 @@ def _type(reader, name: str):
 @pytest.fixture(scope="module")
 def smollm_adapter(tmp_path_factory, smollm2):
     """A small random LoRA on SmolLM2 (B ~ N(0, 0.01)): it changes the logits, not the language."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from loft.models.tiny import make_random_lora
 
-    from loft.core.paths import atomic_write_json
-    from loft.models import load_causal_lm, load_tokenizer
-
-    folder = tmp_path_factory.mktemp("gguf") / "adapter"
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    model = get_peft_model(load_causal_lm(smollm2), cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    model.save_pretrained(str(folder))
-    load_tokenizer(smollm2).save_pretrained(str(folder))
-    base = {"name": smollm2.name, "sha256": smollm2.sha256, "source": smollm2.source}
-    atomic_write_json(folder / "lineage.json", {"base_model": base})
-    return folder
+    return make_random_lora(tmp_path_factory.mktemp("gguf") / "adapter", smollm2, r=8)
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ from loft.core.paths import atomic_dir
 from loft.models.builtin import builtin_tokenizer, builtin_tokenizer_dir
 from loft.models.manifest import MANIFEST, write_manifest
 
-__all__ = ["builtin_tokenizer", "builtin_tokenizer_dir", "make_tiny_model"]
+__all__ = ["builtin_tokenizer", "builtin_tokenizer_dir", "make_random_lora", "make_tiny_model"]
 
 
 def make_tiny_model(
@@ -79,3 +79,28 @@ def make_tiny_model(
         if not (dest / MANIFEST).is_file():  # another process published it meanwhile: use theirs
             raise
     return dest
+
+
+def make_random_lora(folder: Path, info, *, r: int = 8, seed: int = 0, b_std: float = 0.01) -> Path:
+    """A PEFT LoRA (all-linear, alpha 2r) on the model ``info`` with random A and B ~ N(0, b_std),
+    saved as loft's trainer saves one (safetensors, tokenizer, lineage.json naming the base and its
+    sha256). A small ``b_std`` moves the logits without breaking the language: for export and
+    merge checks that compare greedy outputs across runtimes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loft.core.paths import atomic_write_json
+    from loft.models.store import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(load_causal_lm(info), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    model.save_pretrained(str(folder))
+    load_tokenizer(info).save_pretrained(str(folder))
+    base = {"name": info.name, "sha256": info.sha256, "source": info.source}
+    atomic_write_json(Path(folder) / "lineage.json", {"base_model": base})
+    return Path(folder)
