@@ -46,6 +46,11 @@ class TrainingInterrupted(LoftError):
     """A run stopped on SIGINT/SIGTERM after saving a checkpoint; resume with --resume."""
 
 
+class RunPruned(LoftError):
+    """A study's pruner stopped the run at an evaluation: not a failure; the run's summary says
+    ``pruned`` and its last checkpoint is kept."""
+
+
 class TrainingDiverged(LoftError):
     """The loss became NaN or infinite, or training left the weights as they were: the run
     stopped (with a checkpoint from before the bad step, where there was one)."""

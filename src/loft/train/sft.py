@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,13 @@ import torch
 
 from loft import __version__
 from loft.core.config import flatten
-from loft.core.errors import HardwareError, LoftError, TrainingDiverged, TrainingInterrupted
+from loft.core.errors import (
+    HardwareError,
+    LoftError,
+    RunPruned,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from loft.core.paths import atomic_dir, atomic_write_json, runs_dir
 from loft.core.specs import RegisterSpec, TrainConfig
 from loft.data.packing import collate, count_label_tokens
@@ -102,11 +109,14 @@ def train(
     progress: bool = True,
     tracker: Any = None,
     force: bool = False,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> RunResult:
     """Run one fine-tune end to end and return its run directory and summary.
 
     Before the model is loaded, the planner's memory estimate for the run's largest micro-batch
     is checked against this device; HardwareError when it does not fit, unless ``force``.
+    ``on_eval(step, eval_loss)`` is called after each evaluation (a study's pruner); when it
+    raises RunPruned the run saves a checkpoint, ends with status ``pruned`` and re-raises.
     """
     started = time.time()
     placement = plan_placement(config)  # refuses impossible configs before anything is loaded
@@ -120,8 +130,9 @@ def train(
     try:
         with determinism(placement):  # before the model is built: cuBLAS reads it at its start
             return _train(
-                config, run_dir, summary, placement, resume, progress, tracker, started, force
-            )
+                config, run_dir, summary, placement, resume, progress, tracker, started, force,
+                on_eval,
+            )  # fmt: skip
     except BaseException as e:
         if rundir.read_summary(run_dir).get("status") == "running":  # failed before the loop
             interrupted = isinstance(e, KeyboardInterrupt | TrainingInterrupted)
@@ -142,7 +153,7 @@ def _check_data(config: TrainConfig) -> None:
 
 
 def _train(
-    config, run_dir, summary, placement, resume, progress, tracker, started, force
+    config, run_dir, summary, placement, resume, progress, tracker, started, force, on_eval=None
 ) -> RunResult:
     run_id = run_dir.name
     from loft.models import load_tokenizer, resolve_model
@@ -199,6 +210,7 @@ def _train(
     rundir.write_summary(run_dir, summary)
 
     loop = _Loop(config, model, optimizer, scheduler, plan, placement, objective, tracker)
+    loop.on_eval = on_eval
     if loop.scaler is not None and state.get("grad_scaler"):
         loop.scaler.load_state_dict(state["grad_scaler"])
     bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
@@ -221,6 +233,9 @@ def _train(
         status = "completed"
     except TrainingInterrupted:
         status = "interrupted"
+        raise
+    except RunPruned:
+        status = "pruned"
         raise
     except RuntimeError as e:
         if (err := determinism_error(e, placement)) is not None:
@@ -327,6 +342,7 @@ class _Loop:
         self.session_tokens = 0
         self.session_s = 0.0
         self.steps_run = 0  # optimizer steps taken by this process
+        self.on_eval: Callable[[int, float], None] | None = None  # e.g. a study's pruner
         # fp16 autocast (GPUs without native bf16): scale the loss so small gradients survive
         self.scaler = torch.amp.GradScaler(placement.device) if placement.grad_scaler else None
 
@@ -435,6 +451,12 @@ class _Loop:
                 bar.note(f"step {done}: eval loss {state['eval_loss']:.4f}")
             self.obj.watch(done, total, extra, bar)
             self.tracker.log_metrics(metrics, step=done)
+            if self.on_eval is not None and "eval/loss" in metrics:
+                try:
+                    self.on_eval(done, state["eval_loss"])
+                except RunPruned:
+                    self._save(run_dir, done, state, recent)
+                    raise
             eta = (total - done) * self.session_s / max(done - start_step, 1)
             bar.update(done, loss, tok_s, lr, eta, extra=self.obj.progress(extra))
             if done % t.save_every == 0 and done < total:
@@ -588,4 +610,5 @@ def _finish_tracker(tracker: Any, run_dir: Path, dataset: Any, status: str) -> N
         lineage = run_dir / "model" / "lineage.json"
     if lineage.is_file():
         tracker.log_artifact(lineage)
-    tracker.finish({"completed": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+    ends = {"completed": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}
+    tracker.finish(ends.get(status, "FAILED"))
