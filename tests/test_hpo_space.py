@@ -86,7 +86,7 @@ extra: 1
         "params.training.lr: float: a log range needs low > 0",
         "params.lora.r: int: low 32 must be below high 4",
         "params.lora.dropout: choices: expected a non-empty list",
-        "params.lora.alpha.multiple_of: 'lora.rank' is not a parameter sampled before it",
+        "params.lora.alpha.multiple_of: 'lora.rank' is neither sampled before it nor a fixed",
         "params.training.warmup_ratio: name exactly one of",
         "fixed.training.max_step: training has no key 'max_step'",
         "constraints.budget: expected {tokens: N} or {seconds: N}",

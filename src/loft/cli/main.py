@@ -56,6 +56,7 @@ def _register() -> None:
         runs,
         serve,
         train,
+        tune,
         watch,
     )
     from loft.cli import eval as eval_cmd
@@ -75,6 +76,7 @@ def _register() -> None:
     plan.register(app)
     merge.register(app)
     export.register(app)
+    tune.register(app)
 
 
 _register()

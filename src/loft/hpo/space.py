@@ -79,7 +79,7 @@ class Space:
                 out[p.path] = trial.suggest_categorical(p.path, list(p.choices))
             else:
                 factor = trial.suggest_categorical(f"{p.path}/{p.of}", list(p.choices))
-                out[p.path] = out[p.of] * factor
+                out[p.path] = out.get(p.of, self.fixed.get(p.of)) * factor
         return out
 
     def overrides(self, values: dict[str, Any]) -> list[str]:
@@ -138,11 +138,6 @@ def load_space(path: str | Path, recipe: str | Path | None = None) -> Space:
         if p is not None:
             params.append(p)
     sampled = [p.path for p in params]
-    for p in params:
-        if p.kind == "multiple_of" and p.of not in sampled[: sampled.index(p.path)]:
-            problems.append(
-                f"params.{p.path}.multiple_of: {p.of!r} is not a parameter sampled before it"
-            )
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
         problems.append("fixed: expected a mapping of config key paths to values")
@@ -153,6 +148,14 @@ def load_space(path: str | Path, recipe: str | Path | None = None) -> Space:
             problems.append(f"fixed.{key}: {why}")
         if key in sampled:
             problems.append(f"fixed.{key}: also under params; a key is either sampled or fixed")
+    for p in params:  # a multiple of a key sampled before it, or of a fixed one
+        if p.kind == "multiple_of" and not (
+            p.of in sampled[: sampled.index(p.path)] or _number(fixed.get(p.of))
+        ):
+            problems.append(
+                f"params.{p.path}.multiple_of: {p.of!r} is neither sampled before it nor a fixed "
+                "number"
+            )
     cons = doc.get("constraints") or {}
     fits, budget = True, {}
     if not isinstance(cons, dict):
@@ -268,7 +271,7 @@ def _against_recipe(space: Space, recipe: Path) -> list[str]:
             values = {**base, p.path: int(end) if p.kind == "int" else end}
             for q in space.params:
                 if q.kind == "multiple_of":
-                    values[q.path] = values[q.of] * q.choices[0]
+                    values[q.path] = values.get(q.of, space.fixed.get(q.of)) * q.choices[0]
             try:
                 space.trial_config(recipe, values)
             except ConfigError as e:
