@@ -98,6 +98,16 @@ def test_loft_tune_and_tune_status(tmp_path, tiny_model, loft_home, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["study"] == "cli" and [t["state"] for t in doc["trials"]] == ["COMPLETE"]
     assert doc["trials"][0]["params"] == {"training.lr": 5e-3}  # the recipe's value first
+    assert run_cli(*args, "--register") == 0  # one more trial, then the best is registered
+    assert "registered as cli:1 (study cli, trial " in capsys.readouterr().err
+    from loft import registry
+
+    lineage = registry.get_version("cli:1").card["lineage"]
+    assert lineage["study"]["name"] == "cli" and lineage["study"]["trials"] == 2
+    best = min(doc["trials"][0]["value"], lineage["study"]["eval_loss"])
+    assert lineage["study"]["eval_loss"] == best
+    assert run_cli("registry", "show", "cli:1") == 0
+    assert "study:    cli trial" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("params:\n  training.lrate: {float: [1, 2]}\n")
     assert run_cli("tune", str(recipe), "--space", str(bad)) == 2

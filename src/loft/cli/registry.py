@@ -100,6 +100,12 @@ def show_cmd(
     label = "parents:" if len(parents) > 1 else "parent:"
     refs = ", ".join(f"{p['name']}:{p['version']}" for p in parents) or "-"
     console.print(f"  {label:<10}{refs}")
+    if study := lin.get("study"):
+        console.print(
+            f"  study:    {study['name']} trial {study['trial']} (eval loss "
+            f"{study['eval_loss']:.4f}, best of {study['trials']})",
+            markup=False,
+        )
     tokens = lin["special_tokens"] or {}
     console.print(f"  tokens:   pad={_fmt(tokens.get('pad'))} eos={_fmt(tokens.get('eos'))}")
     console.print(f"  loft:     {lin['loft_version']} (git {_fmt(lin['git_commit'])})")

@@ -25,6 +25,14 @@ def register(root: typer.Typer) -> None:
             "successive_halving", "--pruner", help="successive_halving, median or none."
         ),
         seed: int = typer.Option(0, "--seed", help="Seeds the sampler."),
+        register_it: bool = typer.Option(
+            False,
+            "--register",
+            help="Register the best completed trial's model, the study and trial in its lineage.",
+        ),
+        model_name: str | None = typer.Option(
+            None, "--name", help="With --register: the registered model name (default: the study)."
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the trials as JSON."),
     ) -> None:
         """Search hyperparameters: each trial trains the recipe with sampled values and reports
@@ -56,6 +64,15 @@ def register(root: typer.Typer) -> None:
             say=lambda msg: err_console.print(msg, markup=False, soft_wrap=True),
         )  # fmt: skip
         _table(console, print_json, name, results, json_out)
+        if register_it:
+            from loft.hpo.study import register_best
+
+            ref, best = register_best(name, model_name)
+            err_console.print(
+                f"registered as {ref} (study {name}, trial {best.number}, eval loss "
+                f"{best.value:.4f})",
+                markup=False,
+            )
 
 
 def _table(console, print_json, name: str, results, json_out: bool) -> None:

@@ -237,6 +237,27 @@ def summarize(study: Any) -> list[TrialResult]:
     return out
 
 
+def register_best(name: str, model_name: str | None = None) -> tuple[str, TrialResult]:
+    """Register the best completed trial's model; its lineage names the study and the trial."""
+    from loft import registry
+
+    results = summarize(load_study(name))
+    done = [r for r in results if r.state == "COMPLETE" and r.value is not None and r.run_dir]
+    if not done:
+        raise ConfigError(f"study {name!r} has no completed trial to register")
+    best = min(done, key=lambda r: r.value)
+    study = {
+        "name": name,
+        "trial": best.number,
+        "eval_loss": best.value,
+        "params": best.params,
+        "trials": len(results),
+        "storage": str(studies_dir() / f"{name}.journal"),
+    }
+    mv = registry.register(best.run_dir, name=model_name or name, study=study)
+    return f"{mv.name}:{mv.version}", best
+
+
 def load_study(name: str) -> Any:
     import optuna
 
@@ -246,4 +267,12 @@ def load_study(name: str) -> Any:
     return optuna.load_study(study_name=name, storage=storage(name))
 
 
-__all__ = ["PRUNERS", "SAMPLERS", "TrialResult", "load_study", "run_study", "summarize"]
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "TrialResult",
+    "load_study",
+    "register_best",
+    "run_study",
+    "summarize",
+]

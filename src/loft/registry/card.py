@@ -188,6 +188,7 @@ def build_card(
     parent: dict[str, Any] | None,
     evaluations: list[dict[str, Any]],
     parents: list[dict[str, Any]] | None = None,
+    study: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lineage card for the files already copied into ``root``; ``parents`` (every parent of
     a merge of several versions) is recorded beside ``parent`` (the first of them)."""
@@ -226,6 +227,8 @@ def build_card(
     }
     if parents:
         card["lineage"]["parents"] = parents
+    if study:
+        card["lineage"]["study"] = study
     return card
 
 

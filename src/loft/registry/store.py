@@ -70,6 +70,7 @@ def _flat_lineage(lin: dict[str, Any]) -> dict[str, Any]:
         "special_tokens": lin.get("special_tokens"),
         "parent": lin.get("parent"),
         "parents": lin.get("parents") or ([lin["parent"]] if lin.get("parent") else []),
+        "study": lin.get("study"),
         "run": lin.get("run"),
         "loft_version": lin.get("loft_version"),
         "git_commit": lin.get("git_commit"),
@@ -130,10 +131,12 @@ def register(
     parent: str | None = None,
     metrics: dict[str, float] | None = None,
     parents: list[str] | None = None,
+    study: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version.
 
-    ``parents`` (a merge of several versions) names every parent; the first is ``parent``."""
+    ``parents`` (a merge of several versions) names every parent; the first is ``parent``.
+    ``study`` (the hyperparameter study and trial the run won) goes into the lineage."""
     from mlflow.exceptions import MlflowException
 
     src = cards.find_source(Path(path))
@@ -170,7 +173,7 @@ def register(
             cards.copy_files(src, tmp)
             card = cards.build_card(
                 src, tmp, name=name, version=version, parent=parent_ref, evaluations=entries,
-                parents=parent_refs,
+                parents=parent_refs, study=study,
             )  # fmt: skip
             atomic_write_json(tmp / cards.CARD, card)  # last: the completion marker
         try:
