@@ -50,12 +50,13 @@ def probe(tok: Any) -> Wrappers:
         if at < 0 or text.count(_MARK.format(i)) != 1:
             raise ConfigError("the chat template does not write each message's content once")
         spans.append((at, at + len(_MARK.format(i))))
+    ends = _end_tokens(tok)
     before: dict[str, str] = {}
     after: dict[str, str] = {}
     for i, m in enumerate(msgs):
         nxt = spans[i + 1][0] if i + 1 < len(spans) else len(text)
         tail = text[spans[i][1] : nxt]
-        after_i = _after_text(tail, tok)
+        after_i = _after_text(tail, ends)
         if after.setdefault(m["role"], after_i) != after_i:
             raise ConfigError(f"the chat template closes {m['role']} messages in more than one way")
         if i + 1 < len(msgs):
@@ -79,16 +80,19 @@ def probe(tok: Any) -> Wrappers:
     return w
 
 
-def _after_text(tail: str, tok: Any) -> str:
-    """What closes a message: the text up to and including the first end-of-turn special token,
-    and the newlines right after it."""
+def _end_tokens(tok: Any) -> list[str]:
+    """The special tokens that end a turn (the chat template is probed once, here)."""
     from loft.data.preference import end_of_turn_ids
 
-    ends = [
-        t
-        for t in getattr(tok, "all_special_tokens", [])
-        if tok.convert_tokens_to_ids(t) in end_of_turn_ids(tok)
+    ids = end_of_turn_ids(tok)
+    return [
+        t for t in getattr(tok, "all_special_tokens", []) if tok.convert_tokens_to_ids(t) in ids
     ]
+
+
+def _after_text(tail: str, ends: list[str]) -> str:
+    """What closes a message: the text up to and including the first end-of-turn token in
+    ``ends``, and the newlines right after it."""
     hits = [(tail.find(t), t) for t in ends if t in tail]
     if not hits:
         raise ConfigError(
