@@ -158,7 +158,7 @@ def _make_prefs():
 def test_dpo_config_continues_what_lora_yaml_registers() -> None:
     """dpo.yaml's init_from is the version `loft train lora.yaml` registers (first in a fresh
     LOFT_HOME), with the same method and adapter shape; it trains on the shipped pairs."""
-    from loft.train.sft import registered_name
+    from loft.train.outputs import registered_name
 
     sft, dpo = load_config(TICKETS / "lora.yaml"), load_config(TICKETS / "dpo.yaml")
     assert (dpo.objective, dpo.method) == ("dpo", sft.method)

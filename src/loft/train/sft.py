@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from loft import __version__
 from loft.core.config import flatten
 from loft.core.errors import (
     HardwareError,
@@ -29,10 +28,10 @@ from loft.core.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-from loft.core.paths import atomic_dir, atomic_write_json, runs_dir
-from loft.core.specs import RegisterSpec, TrainConfig
+from loft.core.paths import runs_dir
+from loft.core.specs import TrainConfig
 from loft.data.packing import collate, count_label_tokens
-from loft.train import rundir
+from loft.train import outputs, rundir
 from loft.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from loft.train.device import (
     Placement,
@@ -110,6 +109,7 @@ def train(
     tracker: Any = None,
     force: bool = False,
     on_eval: Callable[[int, float], None] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
     """Run one fine-tune end to end and return its run directory and summary.
 
@@ -117,6 +117,7 @@ def train(
     is checked against this device; HardwareError when it does not fit, unless ``force``.
     ``on_eval(step, eval_loss)`` is called after each evaluation (a study's pruner); when it
     raises RunPruned the run saves a checkpoint, ends with status ``pruned`` and re-raises.
+    ``tags`` go on the run's MLflow run when train opens it (a study's trial: its parent run).
     """
     started = time.time()
     placement = plan_placement(config)  # refuses impossible configs before anything is loaded
@@ -131,7 +132,7 @@ def train(
         with determinism(placement):  # before the model is built: cuBLAS reads it at its start
             return _train(
                 config, run_dir, summary, placement, resume, progress, tracker, started, force,
-                on_eval,
+                on_eval, tags,
             )  # fmt: skip
     except BaseException as e:
         if rundir.read_summary(run_dir).get("status") == "running":  # failed before the loop
@@ -153,7 +154,17 @@ def _check_data(config: TrainConfig) -> None:
 
 
 def _train(
-    config, run_dir, summary, placement, resume, progress, tracker, started, force, on_eval=None
+    config,
+    run_dir,
+    summary,
+    placement,
+    resume,
+    progress,
+    tracker,
+    started,
+    force,
+    on_eval=None,
+    tags=None,
 ) -> RunResult:
     run_id = run_dir.name
     from loft.models import load_tokenizer, resolve_model
@@ -186,7 +197,7 @@ def _train(
     optimizer, scheduler = _optimizer(config, model, plan.total_steps)
 
     if tracker is None:
-        tracker = _open_tracker(config, run_id, summary.get("mlflow_run_id"))
+        tracker = outputs.open_tracker(config, run_id, summary.get("mlflow_run_id"), tags)
     # before a checkpoint is loaded: the model is still as it started (the reference, if any)
     objective.setup(model, run_dir, summary)
     summary.update(
@@ -202,7 +213,13 @@ def _train(
         ck = load_checkpoint(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler)
         start_step, state, resumed_from = ck.step, {**state, **ck.state}, ck.path.name
     else:
-        tracker.log_params({**flatten(config.model_dump(mode="json")), **_data_params(dataset)})
+        tracker.log_params(
+            {
+                **flatten(config.model_dump(mode="json")),
+                **outputs.data_params(dataset),
+                **outputs.planner_params(pre),
+            }
+        )
     # one record per process that trained this run: where it started, from which checkpoint,
     # and (when it ends) how many steps it ran; a SIGKILLed process leaves only its start
     session = {"started": rundir.now_iso(), "start_step": start_step, "resumed_from": resumed_from}
@@ -254,12 +271,12 @@ def _train(
                 "eval_loss": state["eval_loss"],
             }
             summary["output_path"] = str(
-                _save_output(config, model, tokenizer, run_dir, info, dataset, metrics)
+                outputs.save_output(config, model, tokenizer, run_dir, info, dataset, metrics)
             )
             rundir.write_summary(run_dir, summary)
-            summary.update(_register(config, run_dir, bar))
+            summary.update(outputs.register_run(config, run_dir, bar))
         rundir.write_summary(run_dir, summary)
-        _finish_tracker(tracker, run_dir, dataset, status)
+        outputs.finish_tracker(tracker, run_dir, dataset, status)
     return RunResult(run_dir=run_dir, summary=summary)
 
 
@@ -517,30 +534,6 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _open_tracker(config: TrainConfig, run_id: str, mlflow_run_id: str | None):
-    from loft.tracking import open_tracker
-
-    tags = {"loft.run_id": run_id, "loft.method": str(config.method), "loft.version": __version__}
-    return open_tracker(config.tracking, run_name=run_id, tags=tags, resume_run_id=mlflow_run_id)
-
-
-def _data_params(dataset: Any) -> dict[str, Any]:
-    r = dataset.report
-    keep = (
-        "format",
-        "records",
-        "train_records",
-        "eval_records",
-        "exact_dups",
-        "near_dups",
-        "truncated",
-    )
-    return {
-        "dataset.fingerprint": dataset.fingerprint,
-        **{f"dataset.{k}": r[k] for k in keep if k in r},
-    }
-
-
 def _summary_metrics(state: dict, loop: _Loop, placement: Placement, started: float) -> dict:
     recent = state.get("recent_losses") or []
     return {
@@ -554,61 +547,3 @@ def _summary_metrics(state: dict, loop: _Loop, placement: Placement, started: fl
         "eval_loss": state.get("eval_loss"),
         "output_path": None,
     }
-
-
-def _save_output(config, model, tokenizer, run_dir, info, dataset, metrics) -> Path:
-    """The adapter (or full model) with its tokenizer, chat template and lineage.json."""
-    final = run_dir / ("model" if config.method == "full" else "adapter")
-    with atomic_dir(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        lineage = rundir.lineage(config=config, model_info=info, dataset=dataset, metrics=metrics)
-        atomic_write_json(tmp / "lineage.json", lineage)
-    return final
-
-
-def registered_name(config: TrainConfig) -> str:
-    """``register.name``, else ``run_name``, else ``<train file's folder>-<method>`` (for
-    preference objectives ``-<objective>``: support_tickets-dpo)."""
-    import re
-
-    reg = config.register
-    if isinstance(reg, RegisterSpec) and reg.name:
-        return reg.name
-    what = config.method if config.objective == "sft" else config.objective
-    base = config.run_name or f"{Path(config.data.train).resolve().parent.name}-{what}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._")[:64] or "model"
-
-
-def _register(config: TrainConfig, run_dir: Path, bar: TrainProgress) -> dict[str, Any]:
-    """Register the finished run as a new model version (unless ``register: false``).
-
-    The run is complete on disk before this; a registry failure is reported, not fatal."""
-    if config.register is False:
-        return {}
-    from loft.registry import register
-
-    parent = config.register.parent if isinstance(config.register, RegisterSpec) else None
-    parent = parent or config.init_from  # continuing a version makes it the parent
-    try:
-        mv = register(run_dir, name=registered_name(config), parent=parent)
-    except LoftError as e:
-        bar.note(f"[yellow]warning:[/] not registered: {e.message}", always=True)
-        return {"registered": None, "registry_error": e.message}
-    bar.note(f"registered as {mv.name}:{mv.version}", always=True)
-    return {"registered": f"{mv.name}:{mv.version}"}
-
-
-def _finish_tracker(tracker: Any, run_dir: Path, dataset: Any, status: str) -> None:
-    for name in (rundir.RESOLVED, rundir.SUMMARY):
-        tracker.log_artifact(run_dir / name)
-    report = Path(dataset.path) / "report.json"
-    if report.is_file():
-        tracker.log_artifact(report, "data")
-    lineage = run_dir / "adapter" / "lineage.json"
-    if not lineage.is_file():
-        lineage = run_dir / "model" / "lineage.json"
-    if lineage.is_file():
-        tracker.log_artifact(lineage)
-    ends = {"completed": "FINISHED", "interrupted": "KILLED", "pruned": "KILLED"}
-    tracker.finish(ends.get(status, "FAILED"))
