@@ -121,14 +121,27 @@ def _close(needle: str, haystack: str) -> bool:
 
 
 # every shipped YAML is a training config, except lm-eval task definitions (tested in test_lmeval)
-TRAIN_CONFIGS = sorted(p for p in EXAMPLES.rglob("*.yaml") if "lm_eval" not in p.parts)
+# and `loft tune` search spaces (space*.yaml, checked against the recipe beside them)
+SPACES = sorted(EXAMPLES.rglob("space*.yaml"))
+TRAIN_CONFIGS = sorted(
+    p for p in EXAMPLES.rglob("*.yaml") if "lm_eval" not in p.parts and p not in SPACES
+)
 
 
 @pytest.mark.unit
 def test_every_shipped_yaml_is_accounted_for() -> None:
     lm_eval_tasks = sorted((EXAMPLES / "lm_eval").glob("*.yaml"))
-    assert sorted(EXAMPLES.rglob("*.yaml")) == sorted(TRAIN_CONFIGS + lm_eval_tasks)
+    assert sorted(EXAMPLES.rglob("*.yaml")) == sorted(TRAIN_CONFIGS + lm_eval_tasks + SPACES)
     assert len(TRAIN_CONFIGS) >= 4
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_search_space_loads_against_its_recipe(path: Path) -> None:
+    from loft.hpo import load_space
+
+    space = load_space(path, path.parent / "lora.yaml")  # every range end validated too
+    assert space.params and space.fits_device
 
 
 @pytest.mark.unit
@@ -141,7 +154,7 @@ def test_example_config_validates(path: Path) -> None:
 
 @pytest.mark.unit
 def test_support_ticket_configs_cover_every_method() -> None:
-    methods = {load_config(p).method for p in TICKETS.glob("*.yaml")}
+    methods = {load_config(p).method for p in TICKETS.glob("*.yaml") if p not in SPACES}
     assert methods == {"lora", "dora", "full", "qlora"}
 
 

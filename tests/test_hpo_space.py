@@ -109,3 +109,59 @@ def test_range_ends_the_training_config_refuses_are_named(tmp_path):
     assert "params.lora.dropout: at 1.5 the training config refuses it" in msg
     assert "training.lr" not in msg.split("refuses it")[1].splitlines()[0]  # lr's ends are fine
     assert "1 problem" in msg
+
+
+@pytest.mark.unit
+def test_objective_problems_are_named_with_their_key_paths(tmp_path):
+    from loft.core.errors import ConfigError
+    from loft.hpo import load_space
+
+    text = (
+        "params:\n  training.lr: {float: [1.0e-4, 1.0e-3]}\n"
+        "objective:\n  metric: json_exact\n  direction: up\n  n: 0\n  also: cost\n  k: 1\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_space(_space(tmp_path, text))
+    msg = str(e.value)
+    for want in (
+        "objective.metric: unknown metric(s): json_exact",
+        "objective.data: metric 'json_exact' is measured on a held-out file; name it",
+        "objective.direction: got 'up': minimize or maximize",
+        "objective.n: got 0: a positive whole number",
+        "objective.also: got 'cost': one of train_seconds, planner_bytes",
+        "objective.k: unknown key",
+    ):
+        assert want in msg, want
+    (tmp_path / "held.jsonl").write_text("{}\n")
+    good = load_space(
+        _space(
+            tmp_path,
+            "params:\n  training.lr: {float: [1.0e-4, 1.0e-3]}\n"
+            "objective: {metric: json_exact_match, data: held.jsonl, also: train_seconds}\n",
+        )
+    )
+    o = good.objective
+    assert o.data == str(tmp_path / "held.jsonl")  # relative to the space file
+    assert o.directions == ["maximize", "minimize"] and o.names[1] == "train_seconds"
+    missing = "params:\n  training.lr: {float: [1.0e-4, 1.0e-3]}\nobjective: {data: nope.jsonl}\n"
+    with pytest.raises(ConfigError, match=r"objective.data: .*nope.jsonl is not a file"):
+        load_space(_space(tmp_path, missing))
+
+
+@pytest.mark.unit
+def test_a_grid_needs_finite_values_for_every_entry(tmp_path):
+    from loft.core.errors import ConfigError
+    from loft.hpo import load_space
+
+    space = load_space(_space(tmp_path, GOOD))
+    with pytest.raises(ConfigError) as e:
+        space.grid()
+    assert "params.training.lr: a log float range has none" in str(e.value)
+    text = (
+        "params:\n  training.lr: {float: [1.0e-4, 3.0e-4], step: 1.0e-4}\n"
+        "  lora.r: {int: [4, 12], step: 4}\n  lora.alpha: {multiple_of: lora.r, choices: [1, 2]}\n"
+    )
+    grid = load_space(_space(tmp_path, text)).grid()
+    assert grid == {
+        "training.lr": [1e-4, 2e-4, 3e-4], "lora.r": [4, 8, 12], "lora.alpha/lora.r": [1, 2],
+    }  # fmt: skip

@@ -102,8 +102,9 @@ def show_cmd(
     console.print(f"  {label:<10}{refs}")
     if study := lin.get("study"):
         console.print(
-            f"  study:    {study['name']} trial {study['trial']} (eval loss "
-            f"{study['eval_loss']:.4f}, best of {study['trials']})",
+            f"  study:    {study['name']} trial {study['trial']} ("
+            f"{study.get('objective', 'eval_loss').replace('_', ' ')} "
+            f"{study.get('value', study.get('eval_loss')):.4f}, best of {study['trials']})",
             markup=False,
         )
     tokens = lin["special_tokens"] or {}

@@ -103,6 +103,15 @@ def _plan(
     return list(dict.fromkeys(loss)), gen, list(dict.fromkeys(pref))
 
 
+def metric_problem(name: str) -> str | None:
+    """Why ``name`` is not a metric ``evaluate_model`` computes, or None."""
+    try:
+        _plan([name], None)
+    except ConfigError as e:
+        return f"{e.message}; {e.hint}" if e.hint else e.message
+    return None
+
+
 def _as_chat(record: dict[str, Any]) -> dict[str, Any]:
     """A preference pair as the chat record its chosen reply makes (for loss and generation)."""
     if not is_pair(record):

@@ -4,6 +4,6 @@ Imports train, evaluate, registry, tracking, planner and core only (DESIGN.md); 
 package is cheap (Optuna and torch load inside the functions that need them).
 """
 
-from loft.hpo.space import Param, Space, config_key_problem, load_space
+from loft.hpo.space import Objective, Param, Space, config_key_problem, load_space
 
-__all__ = ["Param", "Space", "config_key_problem", "load_space"]
+__all__ = ["Objective", "Param", "Space", "config_key_problem", "load_space"]

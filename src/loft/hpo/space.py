@@ -10,6 +10,11 @@
     constraints:
       fits_device: true                       # the planner's estimate must fit (default)
       budget: {tokens: 2000000}               # or {seconds: 3600}: the study stops there
+    objective:                                # default: the run's own eval loss, minimised
+      metric: json_exact_match                # any `loft eval` metric, on `data`
+      data: heldout.jsonl                     # relative to this file
+      n: 50                                   # records scored (default all)
+      also: train_seconds                     # a second objective (minimised): Pareto front
 
 Each entry samples through Optuna's ``suggest_*`` API (any object with ``suggest_float``,
 ``suggest_int`` and ``suggest_categorical``: an ``optuna.Trial``, or ``optuna.trial.FixedTrial``
@@ -37,6 +42,33 @@ from loft.core.specs import TrainConfig
 
 KINDS = ("float", "int", "choices", "multiple_of")
 BUDGETS = ("tokens", "seconds")
+SECOND_OBJECTIVES = ("train_seconds", "planner_bytes")
+SECTIONS = ("params", "fixed", "constraints", "objective")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial is scored on. ``eval_loss`` without ``data`` is the run's own eval split (the
+    pruner's signal too); any other metric is ``loft eval`` of the trained model on ``data``."""
+
+    metric: str = "eval_loss"
+    data: str | None = None
+    direction: str = "minimize"
+    n: int | None = None
+    max_new_tokens: int = 64
+    also: str | None = None  # a second objective, minimised: train_seconds | planner_bytes
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction, *(["minimize"] if self.also else [])]
+
+    @property
+    def names(self) -> list[str]:
+        return [self.metric, *([self.also] if self.also else [])]
+
+    @property
+    def needs_eval(self) -> bool:
+        return self.data is not None
 
 
 @dataclass(frozen=True)
@@ -64,6 +96,7 @@ class Space:
     fits_device: bool = True
     budget: dict[str, float] = field(default_factory=dict)
     source: str = "space"
+    objective: Objective = field(default_factory=Objective)
 
     def sample(self, trial: Any) -> dict[str, Any]:
         """{key path: value} for one trial, in the file's order (a multiple after its base)."""
@@ -89,6 +122,33 @@ class Space:
 
     def trial_config(self, recipe: Path, values: dict[str, Any]) -> TrainConfig:
         return load_config(recipe, self.overrides(values))
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Every point's values by Optuna parameter name, for a grid search: choices as they are,
+        int ranges by their step, float ranges only with a step."""
+        out: dict[str, list[Any]] = {}
+        bad: list[str] = []
+        for p in self.params:
+            if p.kind == "choices":
+                out[p.path] = list(p.choices)
+            elif p.kind == "multiple_of":
+                out[f"{p.path}/{p.of}"] = list(p.choices)
+            elif p.kind == "int" and not p.log:
+                out[p.path] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+            elif p.kind == "float" and p.step and not p.log:
+                n = int(math.floor((p.high - p.low) / p.step + 1e-9))
+                out[p.path] = [round(p.low + i * p.step, 12) for i in range(n + 1)]
+            else:
+                bad.append(f"params.{p.path}: a {'log ' if p.log else ''}{p.kind} range")
+        if bad:
+            raise ConfigError(
+                f"{self.source}: a grid needs a finite set of values; "
+                + "; ".join(bad)
+                + " has none.",
+                hint="Give those entries {choices: [...]} (or a step, without log) for "
+                "--sampler grid, or use tpe, gp or random.",
+            )
+        return out
 
 
 def _flow(value: Any) -> str:
@@ -125,8 +185,8 @@ def load_space(path: str | Path, recipe: str | Path | None = None) -> Space:
     doc = read_yaml(path)
     problems: list[str] = []
     for key in doc:
-        if key not in ("params", "fixed", "constraints"):
-            problems.append(f"{key}: unknown key (keys: params, fixed, constraints)")
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown key (keys: {', '.join(SECTIONS)})")
     raw = doc.get("params") or {}
     if not isinstance(raw, dict) or not raw:
         problems.append("params: expected a mapping of config key paths to ranges")
@@ -171,7 +231,9 @@ def load_space(path: str | Path, recipe: str | Path | None = None) -> Space:
             problems += [f"constraints.budget{b}" for b in bad]
         else:
             problems.append(f"constraints.{key}: unknown key (keys: fits_device, budget)")
-    space = Space(params, {str(k): v for k, v in fixed.items()}, fits, budget, str(path))
+    objective, bad = _objective(doc.get("objective"), path)
+    problems += bad
+    space = Space(params, {str(k): v for k, v in fixed.items()}, fits, budget, str(path), objective)
     if recipe is not None and not problems:
         problems += _against_recipe(space, Path(recipe))
     if problems:
@@ -260,6 +322,45 @@ def _budget(value: Any) -> tuple[dict[str, float], list[str]]:
     return {kind: float(n)}, []
 
 
+def _objective(doc: Any, path: Path) -> tuple[Objective, list[str]]:
+    if doc is None:
+        return Objective(), []
+    keys = ("metric", "data", "direction", "n", "max_new_tokens", "also")
+    if not isinstance(doc, dict):
+        return Objective(), [f"objective: expected a mapping ({', '.join(keys)}), got {doc!r}"]
+    bad = [f"objective.{k}: unknown key (keys: {', '.join(keys)})" for k in doc if k not in keys]
+    metric = str(doc.get("metric", "eval_loss"))
+    if metric != "eval_loss":
+        from loft.evaluate.run import metric_problem
+
+        if why := metric_problem(metric):
+            bad.append(f"objective.metric: {why}")
+    data = doc.get("data")
+    if data is not None:
+        p = Path(str(data))
+        p = p if p.is_absolute() else (path.resolve().parent / p)
+        if not p.is_file():
+            bad.append(f"objective.data: {p} is not a file")
+        data = str(p.resolve())
+    elif metric != "eval_loss":
+        bad.append(f"objective.data: metric {metric!r} is measured on a held-out file; name it")
+    lower = metric in ("eval_loss", "perplexity")
+    direction = doc.get("direction", "minimize" if lower else "maximize")
+    if direction not in ("minimize", "maximize"):
+        bad.append(f"objective.direction: got {direction!r}: minimize or maximize")
+    n = doc.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        bad.append(f"objective.n: got {n!r}: a positive whole number of records")
+    mnt = doc.get("max_new_tokens", 64)
+    if not isinstance(mnt, int) or isinstance(mnt, bool) or mnt < 1:
+        bad.append(f"objective.max_new_tokens: got {mnt!r}: a positive whole number")
+    also = doc.get("also")
+    if also is not None and also not in SECOND_OBJECTIVES:
+        bad.append(f"objective.also: got {also!r}: one of {', '.join(SECOND_OBJECTIVES)}")
+    return Objective(metric, data, str(direction), n, int(mnt) if isinstance(mnt, int) else 64,
+                     also), bad  # fmt: skip
+
+
 def _against_recipe(space: Space, recipe: Path) -> list[str]:
     """Each range's ends applied to the recipe one at a time, validated as a training config."""
     problems = []
@@ -295,4 +396,4 @@ def _first(p: Param) -> Any:
     return p.choices[0]
 
 
-__all__ = ["Param", "Space", "config_key_problem", "load_space"]
+__all__ = ["Objective", "Param", "Space", "config_key_problem", "load_space"]
