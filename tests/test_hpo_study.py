@@ -4,6 +4,7 @@ from the recipe's own values, and the journal under LOFT_HOME resumes a study by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -260,41 +261,56 @@ def test_two_workers_share_one_study_without_storage_errors(tmp_path, tiny_model
     assert [t["number"] for t in json.loads(r.stdout)["trials"]] == [0, 1, 2, 3]
 
 
+def _start_long_tune(tmp_path: Path, tiny_model: Path, steps: int, *args: str, **popen):
+    """`loft tune` of a long-running space (checkpoints every 3 steps, no pruning) in its own
+    process group."""
+    from helpers import start_loft
+
+    recipe = _recipe(tmp_path, tiny_model)
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "params:\n  training.lr: {float: [1.0e-3, 1.0e-2], log: true}\n"
+        f"fixed:\n  training.max_steps: {steps}\n  training.save_every: 3\n"
+        f"  training.eval_every: {steps // 2}\n"
+    )
+    return start_loft(
+        "tune", str(recipe), "--space", str(space), "--pruner", "none", *args, **popen
+    )
+
+
+def _wait_until(proc, ready, timeout: float = 600) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the tune process ended before the test could stop it"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_tune_resumes_without_losing_or_repeating_a_trial(
     tmp_path, tiny_model, loft_home, capsys
 ):
     import signal
-    import time
 
-    from helpers import run_cli, start_loft
+    from helpers import run_cli
     from loft.train import rundir
 
-    recipe = _recipe(tmp_path, tiny_model)
-    space = tmp_path / "space.yaml"
-    space.write_text(
-        "params:\n  training.lr: {float: [1.0e-3, 1.0e-2], log: true}\n"
-        "fixed:\n  training.max_steps: 60\n  training.save_every: 3\n"
-        "  training.eval_every: 30\n"
-    )
-    proc = start_loft(
-        "tune", str(recipe), "--space", str(space), "--trials", "3", "--study", "kill",
-        "--pruner", "none", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = _start_long_tune(
+        tmp_path, tiny_model, 60, "--trials", "3", "--study", "kill",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     second = loft_home / "studies" / "kill" / "trial-1"
-    deadline = time.time() + 600
-    try:  # kill it once trial 0 is done and trial 1 has a checkpoint but has not finished
-        while time.time() < deadline and proc.poll() is None:
-            ckpts = list((second / "checkpoints").glob("step-*"))
-            if ckpts and rundir.read_summary(second).get("status") == "running":
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the tune process ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
+
+    def trial_1_under_way() -> bool:  # trial 0 is done, trial 1 has a checkpoint, not finished
+        ckpts = list((second / "checkpoints").glob("step-*"))
+        return bool(ckpts) and rundir.read_summary(second).get("status") == "running"
+
+    try:
+        _wait_until(proc, trial_1_under_way)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = _journal_trials(loft_home, "kill")
     assert [t.state.name for t in before[:2]] == ["COMPLETE", "RUNNING"]
@@ -326,35 +342,25 @@ def test_ctrl_c_stops_every_worker_at_a_checkpoint_and_resume_finishes(
     tmp_path, tiny_model, loft_home, capsys
 ):
     import signal
-    import time
 
-    from helpers import run_cli, start_loft
+    from helpers import descendants, run_cli
     from loft.train import rundir
 
-    recipe = _recipe(tmp_path, tiny_model)
-    space = tmp_path / "space.yaml"
-    space.write_text(
-        "params:\n  training.lr: {float: [1.0e-3, 1.0e-2], log: true}\n"
-        "fixed:\n  training.max_steps: 200\n  training.save_every: 3\n"
-        "  training.eval_every: 100\n"
+    proc = _start_long_tune(
+        tmp_path, tiny_model, 200, "--trials", "2", "--workers", "2", "--study", "stop"
     )
-    proc = start_loft(
-        "tune", str(recipe), "--space", str(space), "--trials", "2", "--workers", "2",
-        "--study", "stop", "--pruner", "none",
-    )  # fmt: skip
     runs = [loft_home / "studies" / "stop" / f"trial-{n}" for n in (0, 1)]
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:  # both trials under way
-        if all(list((r / "checkpoints").glob("step-*")) for r in runs):
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the tune process's group only
+    workers: list[int] = []
     try:
+        _wait_until(proc, lambda: all(list((r / "checkpoints").glob("step-*")) for r in runs))
+        workers = descendants(proc.pid)  # in their own sessions: Ctrl-C reaches them via tune
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the tune process's group
         out, err = proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for pid in [proc.pid, *workers]:  # whatever is left if the test failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == 130, err[-3000:]
     assert "study stop stopped: 0 of 2 trials finished" in err
     assert "loft tune resume stop" in err and "Traceback" not in err
