@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from loft.core.errors import ConfigError
-from loft.hpo.study import SPEC, journal_path, load_study, studies_dir
+from loft.hpo.storage import SPEC, journal_path, load_study, studies_dir
 
 
 @dataclass

@@ -39,31 +39,13 @@ from loft.core.errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-from loft.core.paths import loft_home
 from loft.core.procs import owner, owner_alive
 from loft.hpo.space import Space, load_space
+from loft.hpo.storage import SPEC, journal_path, load_study, quiet_optuna, storage, studies_dir
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
 PRUNERS = ("successive_halving", "hyperband", "median", "none")
-SPEC = "loft"  # the study user attribute holding its settings
 Say = Callable[[str], None]
-
-
-def studies_dir() -> Path:
-    return loft_home() / "studies"
-
-
-def journal_path(name: str) -> Path:
-    return studies_dir() / f"{name}.journal"
-
-
-def storage(name: str) -> Any:
-    """The study's journal-file storage under LOFT_HOME."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    studies_dir().mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal_path(name))))
 
 
 def _sampler(name: str, seed: int, space: Space) -> Any:
@@ -102,14 +84,6 @@ def _digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _quiet() -> None:
-    """Optuna's own log says "Trial N failed" with a traceback for a stopped trial; loft says
-    what happened to each trial itself."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-
-
 def run_study(
     recipe: Path,
     space: Space,
@@ -140,7 +114,7 @@ def run_study(
         say(f"pruner {pruner}: Optuna prunes single-objective studies only; not pruning")
         pruner = "none"
     _pruner(pruner, 1, None)  # an unknown name fails here
-    _quiet()
+    quiet_optuna()
     study = optuna.create_study(
         study_name=name, storage=storage(name), directions=objective.directions,
         load_if_exists=True,
@@ -307,7 +281,7 @@ def work(
 
     from loft.hpo.trial import run_trial
 
-    _quiet()
+    quiet_optuna()
     _, spec, recipe, space = _load(name)
     first = space.trial_config(recipe, {}).training
     study = optuna.load_study(
@@ -516,15 +490,6 @@ def _get(doc: dict[str, Any], path: str) -> Any:
     for part in path.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
-
-
-def load_study(name: str) -> Any:
-    import optuna
-
-    if not journal_path(name).is_file():
-        raise ConfigError(f"no study named {name!r} in {studies_dir()}")
-    _quiet()
-    return optuna.load_study(study_name=name, storage=storage(name))
 
 
 __all__ = [
