@@ -48,6 +48,7 @@ def _register() -> None:
         data,
         demo,
         export,
+        jobs,
         keys,
         merge,
         models,
@@ -67,6 +68,7 @@ def _register() -> None:
     app.add_typer(registry.app, name="registry")
     app.add_typer(audit.app, name="audit")
     app.add_typer(keys.app, name="keys")
+    app.add_typer(jobs.app, name="jobs")
     train.register(app)
     runs.register(app)
     demo.register(app)
@@ -77,6 +79,7 @@ def _register() -> None:
     merge.register(app)
     export.register(app)
     tune.register(app)
+    jobs.register(app)
 
 
 _register()

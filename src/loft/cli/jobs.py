@@ -1,0 +1,261 @@
+"""loft jobs submit|list|show|logs|cancel|retry, and loft worker (LOFT_HOME/jobs.db)."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+
+from loft.cli.output import console, err_console, print_json
+
+app = typer.Typer(
+    help="Queue fine-tunes, evaluations, merges, exports and studies for `loft worker`.",
+    no_args_is_help=True,
+)
+
+STATUS_STYLE = {"ADMITTED": "cyan", "RUNNING": "bold cyan", "SUCCEEDED": "green",
+                "FAILED": "red", "CANCELLED": "yellow"}  # fmt: skip
+
+
+_ROOT: list[typer.Typer] = []
+
+
+def _owner(owner: str | None) -> str:
+    import getpass
+    import os
+
+    return owner or os.environ.get("LOFT_USER") or getpass.getuser()
+
+
+def _check_args(kind: str, args: list[str]) -> None:
+    """Parse ARGS as `loft <command>` would (unknown options, missing arguments: exit 2 now, not
+    when a worker runs the job)."""
+    from loft.core.errors import ConfigError
+    from loft.jobs.kinds import COMMANDS
+
+    cmd = typer.main.get_command(_ROOT[0])
+    words = COMMANDS[kind]
+    ctx = cmd.context_class(cmd, info_name="loft")
+    for word in words:
+        cmd = cmd.get_command(ctx, word)  # type: ignore[attr-defined]
+    try:
+        cmd.make_context(" ".join(words), list(args), parent=ctx)
+    except Exception as e:  # typer's (vendored) click usage errors
+        if not hasattr(e, "format_message"):
+            raise
+        raise ConfigError(
+            f"job of kind {kind}: `loft {' '.join(words)} {' '.join(args)}`: {e.format_message()}",
+            hint=f"See `loft {' '.join(words)} --help`.",
+        ) from None
+
+
+@app.command("submit")
+def submit_cmd(
+    args: list[str] = typer.Argument(
+        None,
+        metavar="CONFIG | -- ARGS",
+        help="A training config (kind train), or after `--` the arguments of the kind's command.",
+    ),
+    kind: str = typer.Option(
+        "train", "--kind", help="train, eval, merge, export, tune, data-prepare, data-validate."
+    ),
+    sets: list[str] = typer.Option([], "--set", "-s", help="train: override a config key."),
+    priority: int = typer.Option(0, "--priority", help="Higher runs first."),
+    owner: str | None = typer.Option(None, "--owner", help="Default: $LOFT_USER or your login."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Tries before FAILED."),
+    json_out: bool = typer.Option(False, "--json", help="Print the job as JSON."),
+) -> None:
+    """Validate a job now (exit 2 with the reason when it cannot run) and queue it; prints the
+    job id and returns. A training job is checked against the planner's memory estimate: one that
+    fits no worker is refused with the itemised estimate."""
+    from loft.core.errors import ConfigError
+    from loft.jobs import KINDS, JobStore, kinds
+
+    args = list(args or [])
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
+    store = JobStore()
+    if kind == "train":
+        if len(args) != 1:
+            raise ConfigError(
+                "loft jobs submit CONFIG: one training config", hint="--kind for others."
+            )
+        adm = kinds.admit_train(
+            args[0], list(sets), capacities=[c for _, c in store.worker_capacities()]
+        )
+        spec, resources = adm.spec, adm.resources
+    else:
+        if sets:
+            raise ConfigError("--set is for training jobs; pass the command's own options after --")
+        _check_args(kind, args)
+        spec, resources = {"args": args}, {}
+    job = store.submit(kind, spec, owner=_owner(owner), priority=priority, resources=resources,
+                       max_attempts=max_attempts)  # fmt: skip
+    if json_out:
+        print_json(job.to_dict())
+        return
+    console.print(job.id, markup=False)
+    need = resources.get("mem_bytes")
+    err_console.print(
+        f"queued {kind} job {job.id} (priority {priority}"
+        + (f", needs ~{need / 2**30:.2f} GiB" if need else "")
+        + f"). Follow: loft jobs logs {job.id} -f   Cancel: loft jobs cancel {job.id}",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("list")
+def list_cmd(
+    status: str | None = typer.Option(None, "--status", help="Only jobs in this state."),
+    limit: int = typer.Option(100, "--limit", "-n", min=1),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Jobs, newest first."""
+    from loft.jobs import JobStore
+
+    jobs = JobStore().list(status=status, limit=limit)
+    if json_out:
+        print_json([j.to_dict() for j in jobs])
+        return
+    if not jobs:
+        console.print("No jobs. Queue one with `loft jobs submit CONFIG`.")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("job", "kind", "owner", "prio", "status", "tries", "age", "progress / result"):
+        table.add_column(col, no_wrap=col != "progress / result")
+    now = time.time()
+    for j in jobs:
+        style = STATUS_STYLE.get(j.status, "")
+        table.add_row(
+            j.id, j.kind, j.owner, str(j.priority), f"[{style}]{j.status}[/]",
+            f"{j.attempts}/{j.max_attempts}", _age(now - j.created), _brief(j),
+        )  # fmt: skip
+    console.print(table)
+
+
+def _age(s: float) -> str:
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def _brief(j) -> str:
+    if j.status == "RUNNING" and j.progress.get("step"):
+        p = j.progress
+        eta = f", eta {p['eta_s']}s" if "eta_s" in p else ""
+        return f"step {p['step']}/{p['total']}, loss {p['loss']:.4f}{eta}"
+    if j.result.get("registered"):
+        return f"registered {j.result['registered']}"
+    if j.error:
+        return j.error[:80]
+    return ""
+
+
+@app.command("show")
+def show_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One job: its spec, state, attempts, history, progress and result."""
+    from loft.jobs import JobStore
+
+    d = JobStore().get(job_id).to_dict()
+    if json_out:
+        print_json(d)
+        return
+    import json
+
+    for key in ("id", "kind", "owner", "priority", "status", "attempts", "max_attempts",
+                "created", "started", "finished", "worker", "log", "error"):  # fmt: skip
+        if d[key] is not None:
+            console.print(f"{key + ':':<14}{d[key]}", markup=False)
+    for key in ("spec", "resources", "progress", "result"):
+        if d[key]:
+            console.print(f"{key + ':':<14}{json.dumps(d[key])}", markup=False)
+    for h in d["history"]:
+        rest = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("at", "event"))
+        console.print(f"  {h['at']}  {h['event']}{'  ' + rest if rest else ''}", markup=False)
+
+
+@app.command("logs")
+def logs_cmd(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until it ends."),
+) -> None:
+    """The job's log (every attempt's output, each under its own header)."""
+    import sys
+
+    from loft.jobs import TERMINAL, JobStore, job_dir
+
+    store = JobStore()
+    job = store.get(job_id)
+    path = job_dir(job.id) / "log.txt"
+    pos = 0
+    while True:
+        if path.is_file():
+            with open(path, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+        if not follow or store.get(job.id).status in TERMINAL and _drained(path, pos):
+            break
+        time.sleep(0.5)
+
+
+def _drained(path, pos: int) -> bool:
+    return not path.is_file() or path.stat().st_size <= pos
+
+
+@app.command("cancel")
+def cancel_cmd(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Cancel a queued job at once, or a running one (its worker stops it at a checkpoint)."""
+    from loft.jobs import JobStore
+
+    job = JobStore().cancel(job_id)
+    say = "cancelled" if job.status == "CANCELLED" else f"{job.status}: cancel requested"
+    err_console.print(f"job {job.id}: {say}", markup=False)
+
+
+@app.command("retry")
+def retry_cmd(job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Queue a FAILED or CANCELLED job again (a training job resumes from its checkpoint)."""
+    from loft.jobs import JobStore
+
+    job = JobStore().retry(job_id)
+    err_console.print(f"job {job.id}: queued again ({job.status})", markup=False)
+
+
+def register(root: typer.Typer) -> None:
+    _ROOT.append(root)  # the whole CLI, to parse a job's command line as the command would
+
+    @root.command("worker")
+    def worker_cmd(
+        lease: float = typer.Option(
+            30.0, "--lease", min=0.3, help="Lease seconds (renewed every third)."
+        ),
+        poll: float = typer.Option(
+            1.0, "--poll", min=0.01, help="Seconds between claims when idle."
+        ),
+        max_jobs: int | None = typer.Option(None, "--max-jobs", min=1, help="Stop after N jobs."),
+        until_idle: bool = typer.Option(
+            False, "--until-idle", help="Stop when the queue is empty."
+        ),
+        capacity_gb: float | None = typer.Option(
+            None, "--capacity-gb", help="Memory this worker offers (default: this machine's RAM)."
+        ),
+    ) -> None:
+        """Claim and run queued jobs on this machine, one at a time, each in its own process
+        group with its log under LOFT_HOME/jobs/ID. SIGTERM or Ctrl-C: the running job
+        checkpoints and goes back to the queue. Run several for several jobs at once."""
+        from loft.jobs import Worker
+
+        cap = int(capacity_gb * 2**30) if capacity_gb is not None else None
+        w = Worker(capacity=cap, lease_s=lease, poll_s=poll, max_jobs=max_jobs,
+                   until_idle=until_idle,
+                   say=lambda m: err_console.print(m, markup=False, soft_wrap=True))  # fmt: skip
+        n = w.run()
+        err_console.print(f"worker {w.id}: ran {n} job(s)", markup=False)

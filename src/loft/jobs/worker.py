@@ -1,0 +1,202 @@
+"""``loft worker``: claim jobs, run each in its own process group with its log, keep the lease.
+
+The loop: claim the next job that fits this worker (a lease of ``lease_s`` seconds and a new
+fence), start its command in a new session with stdout and stderr appended to
+``LOFT_HOME/jobs/ID/log.txt``, and renew the lease every third of it while the job runs, recording
+its progress. Then:
+
+- exit 0: SUCCEEDED, with the job's result (run dir, registered version);
+- exit 2 or 3 (bad input, a refused gate): FAILED, not retried (the same input fails again);
+- any other exit (a crash, a kill, an interrupted run): requeued while attempts remain, and the
+  next attempt resumes from the job's last checkpoint; FAILED when they are spent;
+- the user cancelled it (``loft jobs cancel``): the job gets SIGINT (a run checkpoints), then
+  CANCELLED;
+- this worker is asked to stop (SIGTERM, Ctrl-C): the job gets SIGTERM (a run checkpoints and
+  exits), and is requeued for another worker;
+- this worker lost the lease (the heartbeat's fence no longer matches: it was presumed dead and
+  another worker took the job): it kills its copy of the job and writes nothing.
+
+A worker that dies outright (SIGKILL, power loss) stops renewing; once the lease expires another
+worker claims the job and resumes it. The job's processes die with their worker (the kernel's
+parent-death signal), so two copies never train into one run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loft.core.procs import start_ticks
+from loft.jobs import kinds
+from loft.jobs.store import Job, JobStore, job_dir
+
+NO_RETRY = (2, 3)  # bad input, refused gate: exit codes that fail the same way every time
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def memory_capacity() -> int:
+    """This machine's RAM in bytes (what a CPU job's estimate is compared with)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class Worker:
+    def __init__(
+        self,
+        store: JobStore | None = None,
+        *,
+        capacity: int | None = None,
+        lease_s: float = 30.0,
+        poll_s: float = 1.0,
+        max_jobs: int | None = None,
+        until_idle: bool = False,
+        say: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.store = store or JobStore()
+        self.capacity = capacity if capacity is not None else memory_capacity()
+        self.lease_s, self.poll_s = lease_s, poll_s
+        self.max_jobs, self.until_idle = max_jobs, until_idle
+        self.say = say
+        pid = os.getpid()
+        self.id = f"{socket.gethostname()}:{pid}:{start_ticks(pid) or 0}"
+        self.stopping = False
+        self.ran = 0
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        """Work until stopped (or ``max_jobs`` ran, or idle with ``until_idle``); jobs run."""
+        old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid(), self.capacity,
+                                   [])  # fmt: skip
+        self.say(f"worker {self.id}: {self.capacity / 2**30:.1f} GiB, lease {self.lease_s:g} s")
+        last_seen = 0.0
+        try:
+            while not self.stopping and (self.max_jobs is None or self.ran < self.max_jobs):
+                job = self.store.claim(self.id, capacity=self.capacity, lease_s=self.lease_s)
+                if job is None:
+                    if self.until_idle:
+                        break
+                    if time.time() - last_seen > 30:
+                        self.store.worker_seen(self.id)
+                        last_seen = time.time()
+                    time.sleep(self.poll_s)
+                    continue
+                self.run_job(job)
+                self.ran += 1
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.store.worker_seen(self.id, stopped=True)
+        return self.ran
+
+    def _stop(self, signum: int, _frame: Any) -> None:
+        self.stopping = True
+        self.say(f"worker {self.id}: {signal.Signals(signum).name}; stopping after handing back")
+
+    # ---------------------------------------------------------------- one job
+
+    def run_job(self, job: Job) -> str:
+        """Run one claimed job to its end; returns what happened to it."""
+        d = job_dir(job.id)
+        d.mkdir(parents=True, exist_ok=True)
+        resume = job.attempts > 1
+        cmd = [sys.executable, "-m", "loft.cli.main", *kinds.argv(job.kind, job.spec, d, resume)]
+        log_path = d / "log.txt"
+        with open(log_path, "ab") as log:
+            log.write(
+                f"=== attempt {job.attempts} of job {job.id} on worker {self.id} at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: loft "
+                f"{' '.join(cmd[3:])}\n".encode()
+            )
+            log.flush()
+            env = {**os.environ, "LOFT_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        self.say(f"job {job.id} ({job.kind}, attempt {job.attempts}): pid {proc.pid}")
+        outcome = self._watch(job, proc, log_path)
+        self.say(f"job {job.id}: {outcome}")
+        return outcome
+
+    def _watch(self, job: Job, proc: subprocess.Popen, log_path: Path) -> str:
+        beat = max(0.05, self.lease_s / 3)
+        signalled: str | None = None
+        while True:
+            try:
+                rc = proc.wait(timeout=beat)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            ours, cancel = self.store.heartbeat(
+                job.id, job.fence, self.lease_s, kinds.progress(job.kind, _tail(log_path))
+            )
+            if not ours:  # presumed dead and taken over: our copy must not run on
+                _signal(proc, signal.SIGKILL)
+                proc.wait()
+                return "lost its lease to another worker; killed this copy"
+            if cancel and signalled is None:
+                signalled = "cancel"
+                _signal(proc, signal.SIGINT)
+            elif self.stopping and signalled is None:
+                signalled = "stop"
+                _signal(proc, signal.SIGTERM)
+        if signalled == "cancel":
+            self.store.finish(job.id, job.fence, "CANCELLED", result=kinds.result(job.kind,
+                              job_dir(job.id)), error="cancelled by the user")  # fmt: skip
+            return "cancelled"
+        if rc == 0:
+            self.store.finish(job.id, job.fence, "SUCCEEDED",
+                              result=kinds.result(job.kind, job_dir(job.id)))  # fmt: skip
+            return "succeeded"
+        if signalled == "stop" or self.stopping:
+            self.store.requeue(job.id, job.fence, f"worker {self.id} stopped (exit {rc})")
+            return f"handed back to the queue (exit {rc})"
+        why = _last_error(log_path) or f"exit {rc}"
+        if rc in NO_RETRY or job.attempts >= job.max_attempts:
+            self.store.finish(job.id, job.fence, "FAILED", error=f"exit {rc}: {why}")
+            return f"failed (exit {rc}{', not retried: bad input' if rc in NO_RETRY else ''})"
+        self.store.requeue(job.id, job.fence, f"exit {rc}: {why}; retrying")
+        return f"requeued after exit {rc} (attempt {job.attempts} of {job.max_attempts})"
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)  # the job's own process group: it and what it started
+
+
+def _tail(path: Path, n: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _last_error(path: Path) -> str:
+    lines = [ln.strip() for ln in _tail(path).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(("error:", "internal error:")):
+            return ln[:500]
+    return lines[-1][:500] if lines else ""
+
+
+__all__ = ["Worker", "memory_capacity"]

@@ -1,0 +1,294 @@
+"""The job queue (issue 16): rows claimed in priority / fair-share / age order with a lease and a
+fencing token, workers that run each job in its own process group, requeue on SIGTERM, resume a
+dead worker's job from its checkpoint, and refuse at submit what fits no worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture
+def store(loft_home):
+    from loft.jobs import JobStore
+
+    return JobStore()
+
+
+@pytest.mark.unit
+def test_claims_go_by_priority_then_fair_share_then_age(store):
+    a1 = store.submit("data-validate", {"args": ["a1"]}, owner="ann")
+    a2 = store.submit("data-validate", {"args": ["a2"]}, owner="ann")
+    b1 = store.submit("data-validate", {"args": ["b1"]}, owner="bob")
+    hi = store.submit("data-validate", {"args": ["hi"]}, owner="cy", priority=5)
+    order = [store.claim(f"w{i}", capacity=1, lease_s=60).id for i in range(4)]
+    # hi first (priority); then ann's oldest; then bob's, though ann's second is older: ann
+    # already has a job running
+    assert order == [hi.id, a1.id, b1.id, a2.id]
+    assert store.claim("w9", capacity=1, lease_s=60) is None
+    assert all(store.get(j).status == "RUNNING" and store.get(j).attempts == 1 for j in order)
+
+
+@pytest.mark.unit
+def test_a_job_needing_more_memory_waits_for_a_worker_with_room(store):
+    big = store.submit("train", {"config": "x"}, owner="ann", resources={"mem_bytes": 8 << 30})
+    assert store.claim("small", capacity=4 << 30, lease_s=60) is None
+    assert store.claim("large", capacity=16 << 30, lease_s=60).id == big.id
+
+
+@pytest.mark.unit
+def test_a_worker_that_lost_its_lease_cannot_write_the_job(store):
+    job = store.submit("data-validate", {"args": ["x"]}, owner="ann")
+    first = store.claim("w1", capacity=1, lease_s=0.05)
+    assert store.heartbeat(job.id, first.fence, 0.05)[0]
+    time.sleep(0.2)  # w1 is presumed dead: its lease expired
+    second = store.claim("w2", capacity=1, lease_s=60)
+    assert second.id == job.id and second.fence == first.fence + 1 and second.attempts == 2
+    assert second.history[-1]["after"] == "lease of w1 expired"
+    assert store.heartbeat(job.id, first.fence, 60) == (False, False)  # fenced out
+    assert not store.finish(job.id, first.fence, "FAILED", error="stale")
+    assert not store.requeue(job.id, first.fence, "stale")
+    assert store.get(job.id).status == "RUNNING" and store.get(job.id).worker == "w2"
+    assert store.finish(job.id, second.fence, "SUCCEEDED", result={"ok": 1})
+    done = store.get(job.id)
+    assert (done.status, done.result, done.error) == ("SUCCEEDED", {"ok": 1}, None)
+
+
+@pytest.mark.unit
+def test_cancel_and_retry(store):
+    from loft.core.errors import ConfigError, NotFoundError
+
+    queued = store.submit("data-validate", {"args": ["x"]}, owner="ann")
+    assert store.cancel(queued.id[:12]).status == "CANCELLED"  # a unique prefix is enough
+    assert store.claim("w", capacity=1, lease_s=60) is None
+    again = store.retry(queued.id)
+    assert again.status == "ADMITTED" and again.history[-1]["event"] == "retry"
+    running = store.claim("w", capacity=1, lease_s=60)
+    assert store.cancel(running.id).status == "RUNNING"  # its worker stops it
+    assert store.heartbeat(running.id, running.fence, 60) == (True, True)
+    assert store.finish(running.id, running.fence, "CANCELLED")
+    with pytest.raises(ConfigError, match="only a FAILED or CANCELLED job"):
+        store.retry(store.submit("eval", {"args": []}, owner="x").id)
+    with pytest.raises(NotFoundError):
+        store.get("nope")
+
+
+@pytest.mark.unit
+def test_a_training_job_runs_as_loft_train_and_resumes_on_a_later_attempt(tmp_path):
+    from loft.jobs import kinds
+
+    spec = {"config": "/c.yaml", "set": ["training.lr=1e-4"]}
+    first = kinds.argv("train", spec, tmp_path, resume=True)  # nothing to resume yet
+    assert first == ["train", "/c.yaml", "--set", f"output_dir={tmp_path / 'run'}", "--set",
+                     "training.lr=1e-4"]  # fmt: skip
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "resolved.yaml").write_text("{}")
+    assert kinds.argv("train", spec, tmp_path, resume=True)[-1] == "--resume"
+    assert kinds.argv("data-validate", {"args": ["f.jsonl"]}, tmp_path, False) == [
+        "data", "validate", "f.jsonl",
+    ]  # fmt: skip
+    log = "run x\nstep 4/10  loss 1.2345  1,234 tok/s  lr 1.00e-04  eta 12s\n"
+    assert kinds.progress("train", log) == {
+        "step": 4, "total": 10, "loss": 1.2345, "tokens_per_s": 1234.0, "eta_s": 12,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------ real workers
+
+
+def _workers(n: int, *args: str) -> list[subprocess.Popen]:
+    from helpers import start_loft
+
+    return [
+        start_loft("worker", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(n)
+    ]
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_eight_workers_run_two_hundred_jobs_each_exactly_once(tmp_path, loft_home):
+    from helpers import run_loft
+    from loft.jobs import JobStore, job_dir
+
+    store = JobStore()
+    files, ids = {}, []
+    for i in range(200):  # each job validates its own file, with its own record count
+        f = tmp_path / f"d{i}.jsonl"
+        n = i % 7 + 1
+        turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+        f.write_text((json.dumps({"messages": turns}) + "\n") * n)
+        if i == 0:  # one through the CLI, as a user submits
+            r = run_loft("jobs", "submit", "--kind", "data-validate", "--", str(f))
+            assert r.returncode == 0, r.stderr
+            job_id = r.stdout.strip()
+        else:
+            job_id = store.submit("data-validate", {"args": [str(f)]}, owner=f"u{i % 3}").id
+        ids.append(job_id)
+        files[job_id] = n
+    procs = _workers(8, "--until-idle", "--poll", "0.05", "--lease", "10")
+    try:
+        for p in procs:
+            p.wait(timeout=900)
+    finally:
+        _stop(procs)
+    errs = [p.stderr.read() for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    ran = [int(e.rsplit("ran ", 1)[1].split()[0]) for e in errs]
+    assert sum(ran) == 200 and sum(1 for n in ran if n) >= 2  # shared between workers
+    jobs = {j.id: j for j in store.list(limit=1000)}
+    assert sorted(jobs) == sorted(ids)  # none lost, none invented
+    for job_id, n in files.items():
+        job = jobs[job_id]
+        assert (job.status, job.attempts) == ("SUCCEEDED", 1), job.to_dict()
+        log = (job_dir(job_id) / "log.txt").read_text()
+        assert log.count("=== attempt") == 1  # run exactly once
+        assert f"OK: {n} record{'s' if n > 1 else ''}" in log, log
+    workers = {j.worker for j in jobs.values()}
+    assert len(workers) == sum(1 for n in ran if n)
+
+
+def _train_config(tmp_path: Path, tiny_model: Path, steps: int) -> Path:
+    from test_train import tiny_config
+
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=steps, save_every=2, eval_every=steps)
+    cfg.pop("output_dir")
+    cfg["register"] = False
+    cfg["tracking"] = {"uri": "none"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait(cond, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not cond():
+        time.sleep(0.05)
+    assert cond(), "timed out"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_workers_job_is_finished_by_another_with_the_same_weights(
+    tmp_path, tiny_model, loft_home
+):
+    from safetensors.torch import load_file
+
+    from helpers import descendants, run_loft
+    from loft.core.config import load_config
+    from loft.jobs import JobStore, job_dir
+    from loft.train import train
+
+    config = _train_config(tmp_path, tiny_model, steps=40)
+    ref = train(load_config(config, [f"output_dir={tmp_path / 'ref'}"]), progress=False)
+    r = run_loft("jobs", "submit", str(config), "--priority", "5")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert "needs ~" in r.stderr and f"loft jobs logs {job_id} -f" in r.stderr
+    run = job_dir(job_id) / "run"
+    first = _workers(1, "--lease", "1", "--max-jobs", "1")
+    children: list[int] = []
+    try:
+        _wait(lambda: len(list((run / "checkpoints").glob("step-*"))) >= 2)
+        children = descendants(first[0].pid)
+        assert children  # the job's own process, in its own session
+        os.killpg(first[0].pid, signal.SIGKILL)  # the worker dies; its job dies with it
+        first[0].wait()
+        _wait(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 30)
+        assert JobStore().get(job_id).status == "RUNNING"  # until its lease runs out
+        second = _workers(1, "--lease", "1", "--until-idle", "--poll", "0.1")
+        try:
+            _wait(lambda: JobStore().get(job_id).status not in ("RUNNING", "ADMITTED"), 600)
+        finally:
+            _stop(second)
+    finally:
+        _stop(first)
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+    job = JobStore().get(job_id)
+    assert (job.status, job.attempts) == ("SUCCEEDED", 2), job.to_dict()
+    assert any("expired" in h.get("after", "") for h in job.history)
+    assert job.result["status"] == "completed" and job.result["steps"] == 40
+    sessions = json.loads((run / "run_summary.json").read_text())["sessions"]
+    assert sessions[-1]["resumed_from"].startswith("step-")
+    got = load_file(run / "adapter" / "adapter_model.safetensors")
+    want = load_file(ref.run_dir / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in got) <= 1e-6
+    log = (job_dir(job_id) / "log.txt").read_text()
+    assert log.count("=== attempt") == 2 and "--resume" in log.split("=== attempt 2")[1]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_hands_the_job_back_and_the_cli_verbs(tmp_path, tiny_model, loft_home):
+    from helpers import run_loft
+    from loft.jobs import JobStore, job_dir
+
+    config = _train_config(tmp_path, tiny_model, steps=400)
+    store = JobStore()
+    job = store.submit("train", {"config": str(config), "set": []}, owner="ann")
+    run = job_dir(job.id) / "run"
+    worker = _workers(1, "--lease", "5")
+    try:
+        _wait(lambda: list((run / "checkpoints").glob("step-*")))
+        _wait(lambda: (store.get(job.id).progress or {}).get("step"), 60)  # progress in the row
+        os.killpg(worker[0].pid, signal.SIGTERM)
+        worker[0].wait(timeout=120)
+    finally:
+        _stop(worker)
+    back = store.get(job.id)
+    assert back.status == "ADMITTED" and back.history[-1]["event"] == "requeued"
+    assert json.loads((run / "run_summary.json").read_text())["status"] == "interrupted"
+    listed = json.loads(run_loft("jobs", "list", "--json").stdout)
+    assert [(j["id"], j["status"], j["attempts"]) for j in listed] == [(job.id, "ADMITTED", 1)]
+    assert run_loft("jobs", "cancel", job.id).returncode == 0
+    assert store.get(job.id).status == "CANCELLED"
+    assert run_loft("jobs", "retry", job.id).returncode == 0
+    shown = json.loads(run_loft("jobs", "show", job.id, "--json").stdout)
+    assert shown["status"] == "ADMITTED" and shown["kind"] == "train"
+    logs = run_loft("jobs", "logs", job.id)
+    assert "=== attempt 1" in logs.stdout and "step " in logs.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bad_input_fails_without_retry_and_a_job_too_big_is_refused_at_submit(tmp_path, loft_home):
+    from helpers import run_loft
+    from loft.jobs import JobStore
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\nnot json\n')
+    r = run_loft("jobs", "submit", "--kind", "data-validate", "--", str(bad))
+    job_id = r.stdout.strip()
+    w = run_loft("worker", "--until-idle", "--poll", "0.05")
+    assert w.returncode == 0, w.stderr
+    job = JobStore().get(job_id)
+    assert (job.status, job.attempts) == ("FAILED", 1)  # exit 2: the same input fails again
+    assert job.error.startswith("exit 2")
+    r = run_loft("jobs", "submit", "--kind", "eval", "--", "--nope")
+    assert r.returncode == 2 and "No such option: --nope" in r.stderr
+    tickets = Path(__file__).resolve().parents[1] / "examples" / "support_tickets" / "lora.yaml"
+    r = run_loft(
+        "jobs", "submit", str(tickets), "--set", "base_model=llama-3.1-70b", "--set", "method=full"
+    )
+    assert r.returncode == 2
+    assert "this job needs an estimated" in r.stderr and "optimizer" in r.stderr
+    assert len(JobStore().list()) == 1  # nothing queued for it
