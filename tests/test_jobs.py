@@ -23,8 +23,7 @@ def store(loft_home):
     return JobStore()
 
 
-@pytest.mark.unit
-def test_claims_go_by_priority_then_fair_share_then_age(store):
+def claims_go_by_priority_then_fair_share_then_age(store):
     a1 = store.submit("data-validate", {"args": ["a1"]}, owner="ann")
     a2 = store.submit("data-validate", {"args": ["a2"]}, owner="ann")
     b1 = store.submit("data-validate", {"args": ["b1"]}, owner="bob")
@@ -37,15 +36,13 @@ def test_claims_go_by_priority_then_fair_share_then_age(store):
     assert all(store.get(j).status == "RUNNING" and store.get(j).attempts == 1 for j in order)
 
 
-@pytest.mark.unit
-def test_a_job_needing_more_memory_waits_for_a_worker_with_room(store):
+def a_job_needing_more_memory_waits_for_a_worker_with_room(store):
     big = store.submit("train", {"config": "x"}, owner="ann", resources={"mem_bytes": 8 << 30})
     assert store.claim("small", capacity=4 << 30, lease_s=60) is None
     assert store.claim("large", capacity=16 << 30, lease_s=60).id == big.id
 
 
-@pytest.mark.unit
-def test_a_worker_that_lost_its_lease_cannot_write_the_job(store):
+def a_worker_that_lost_its_lease_cannot_write_the_job(store):
     job = store.submit("data-validate", {"args": ["x"]}, owner="ann")
     first = store.claim("w1", capacity=1, lease_s=0.05)
     assert store.heartbeat(job.id, first.fence, 0.05)[0]
@@ -62,8 +59,7 @@ def test_a_worker_that_lost_its_lease_cannot_write_the_job(store):
     assert (done.status, done.result, done.error) == ("SUCCEEDED", {"ok": 1}, None)
 
 
-@pytest.mark.unit
-def test_cancel_and_retry(store):
+def cancel_and_retry(store):
     from loft.core.errors import ConfigError, NotFoundError
 
     queued = store.submit("data-validate", {"args": ["x"]}, owner="ann")
@@ -79,6 +75,30 @@ def test_cancel_and_retry(store):
         store.retry(store.submit("eval", {"args": []}, owner="x").id)
     with pytest.raises(NotFoundError):
         store.get("nope")
+
+
+SCENARIOS = [
+    claims_go_by_priority_then_fair_share_then_age,
+    a_job_needing_more_memory_waits_for_a_worker_with_room,
+    a_worker_that_lost_its_lease_cannot_write_the_job,
+    cancel_and_retry,
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+def test_the_queue_on_sqlite(scenario, store):
+    scenario(store)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+def test_the_queue_on_postgresql(scenario, pg_url, loft_home):
+    from loft.jobs import JobStore
+
+    store = JobStore(pg_url)
+    assert store.pg
+    scenario(store)
 
 
 @pytest.mark.unit
@@ -104,11 +124,11 @@ def test_a_training_job_runs_as_loft_train_and_resumes_on_a_later_attempt(tmp_pa
 # ------------------------------------------------------------------ real workers
 
 
-def _workers(n: int, *args: str) -> list[subprocess.Popen]:
+def _workers(n: int, *args: str, env: dict | None = None) -> list[subprocess.Popen]:
     from helpers import start_loft
 
     return [
-        start_loft("worker", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        start_loft("worker", *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(n)
     ]
 
@@ -121,28 +141,27 @@ def _stop(procs) -> None:
         p.wait()
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_eight_workers_run_two_hundred_jobs_each_exactly_once(tmp_path, loft_home):
+def _many_jobs_each_once(tmp_path: Path, store, n_jobs: int, env: dict | None = None) -> None:
+    """8 workers over ``n_jobs`` jobs: each run exactly once, none lost (the rows and each job's
+    own output say so)."""
     from helpers import run_loft
-    from loft.jobs import JobStore, job_dir
+    from loft.jobs import job_dir
 
-    store = JobStore()
     files, ids = {}, []
-    for i in range(200):  # each job validates its own file, with its own record count
+    for i in range(n_jobs):  # each job validates its own file, with its own record count
         f = tmp_path / f"d{i}.jsonl"
         n = i % 7 + 1
         turns = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
         f.write_text((json.dumps({"messages": turns}) + "\n") * n)
         if i == 0:  # one through the CLI, as a user submits
-            r = run_loft("jobs", "submit", "--kind", "data-validate", "--", str(f))
+            r = run_loft("jobs", "submit", "--kind", "data-validate", "--", str(f), env=env)
             assert r.returncode == 0, r.stderr
             job_id = r.stdout.strip()
         else:
             job_id = store.submit("data-validate", {"args": [str(f)]}, owner=f"u{i % 3}").id
         ids.append(job_id)
         files[job_id] = n
-    procs = _workers(8, "--until-idle", "--poll", "0.05", "--lease", "10")
+    procs = _workers(8, "--until-idle", "--poll", "0.05", "--lease", "10", env=env)
     try:
         for p in procs:
             p.wait(timeout=900)
@@ -151,7 +170,7 @@ def test_eight_workers_run_two_hundred_jobs_each_exactly_once(tmp_path, loft_hom
     errs = [p.stderr.read() for p in procs]
     assert all(p.returncode == 0 for p in procs), errs
     ran = [int(e.rsplit("ran ", 1)[1].split()[0]) for e in errs]
-    assert sum(ran) == 200 and sum(1 for n in ran if n) >= 2  # shared between workers
+    assert sum(ran) == n_jobs and sum(1 for n in ran if n) >= 2  # shared between workers
     jobs = {j.id: j for j in store.list(limit=1000)}
     assert sorted(jobs) == sorted(ids)  # none lost, none invented
     for job_id, n in files.items():
@@ -160,8 +179,24 @@ def test_eight_workers_run_two_hundred_jobs_each_exactly_once(tmp_path, loft_hom
         log = (job_dir(job_id) / "log.txt").read_text()
         assert log.count("=== attempt") == 1  # run exactly once
         assert f"OK: {n} record{'s' if n > 1 else ''}" in log, log
-    workers = {j.worker for j in jobs.values()}
-    assert len(workers) == sum(1 for n in ran if n)
+    assert len({j.worker for j in jobs.values()}) == sum(1 for n in ran if n)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_eight_workers_run_two_hundred_jobs_each_exactly_once(tmp_path, loft_home):
+    from loft.jobs import JobStore
+
+    _many_jobs_each_once(tmp_path, JobStore(), 200)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_eight_workers_share_a_postgresql_queue(tmp_path, loft_home, pg_url):
+    from loft.jobs import JobStore
+
+    _many_jobs_each_once(tmp_path, JobStore(pg_url), 60, env={"LOFT_JOBS_URL": pg_url})
+    assert not (loft_home / "jobs.db").exists()  # the queue was on the server, not SQLite
 
 
 def _train_config(tmp_path: Path, tiny_model: Path, steps: int) -> Path:

@@ -1,4 +1,7 @@
-"""Jobs are rows: the queue in SQLite (WAL) under LOFT_HOME/jobs.db.
+"""Jobs are rows: the queue in SQLite (WAL) under LOFT_HOME/jobs.db, or in PostgreSQL when
+``LOFT_JOBS_URL`` (or ``jobs.url`` in LOFT_HOME/settings.yaml) is a ``postgresql://`` URL; the
+same SQL on both (placeholders translated), claims serialised by ``BEGIN IMMEDIATE`` on SQLite and
+``FOR UPDATE SKIP LOCKED`` on PostgreSQL.
 
 A job moves ADMITTED (accepted at submit: its spec validated, its memory estimate fits a worker)
 → RUNNING (claimed by a worker) → SUCCEEDED | FAILED | CANCELLED; a RUNNING job whose worker
@@ -36,7 +39,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 RETRY_ATTEMPTS = 3  # `loft jobs retry` allows this many more attempts
 
 _SCHEMA = """
-CREATE TABLE jobs (
+CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
     spec TEXT NOT NULL,
@@ -59,8 +62,8 @@ CREATE TABLE jobs (
     error TEXT,
     history TEXT NOT NULL DEFAULT '[]'
 );
-CREATE INDEX jobs_claim ON jobs (status, priority, created);
-CREATE TABLE workers (
+CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority, created);
+CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
     pid INTEGER NOT NULL,
@@ -152,23 +155,82 @@ def _row(r: tuple) -> Job:
                json.loads(progress), json.loads(result), error, json.loads(history))  # fmt: skip
 
 
+class _Pg:
+    """A psycopg connection that takes SQLite's ``?`` placeholders."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+
+def store_url() -> str:
+    """Where the queue lives: LOFT_JOBS_URL, else ``jobs.url`` in LOFT_HOME/settings.yaml, else
+    LOFT_HOME/jobs.db."""
+    import os
+
+    url = os.environ.get("LOFT_JOBS_URL")
+    settings = loft_home() / "settings.yaml"
+    if not url and settings.is_file():
+        import yaml
+
+        doc = yaml.safe_load(settings.read_text()) or {}
+        url = ((doc.get("jobs") or {}) if isinstance(doc, dict) else {}).get("url")
+    return str(url or loft_home() / "jobs.db")
+
+
 class JobStore:
     """The queue. Every method opens its own short connection: safe across threads and
-    processes (SQLite's WAL and ``BEGIN IMMEDIATE`` serialise the writers)."""
+    processes (SQLite's WAL and ``BEGIN IMMEDIATE``, or PostgreSQL's row locks, serialise the
+    writers)."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = Path(path) if path else loft_home() / "jobs.db"
+    def __init__(self, url: str | Path | None = None) -> None:
+        url = str(url) if url else store_url()
+        self.pg = url.startswith(("postgresql://", "postgres://"))
+        self.url = url
+        self.path = Path(url.removeprefix("sqlite:///")) if not self.pg else None
         self._ready = False
         self._lock = threading.Lock()
 
+    @property
+    def where(self) -> str:
+        if self.pg:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(self.url)
+            return f"postgresql://{u.hostname}:{u.port or 5432}{u.path}"
+        return str(self.path)
+
+    def _connect(self) -> Any:
+        if self.pg:
+            try:
+                import psycopg
+            except ImportError:
+                raise ConfigError(
+                    "the job queue is on PostgreSQL but psycopg is not installed",
+                    hint="pip install 'loft[team]' (psycopg 3).",
+                ) from None
+            try:
+                return _Pg(psycopg.connect(self.url, autocommit=True, connect_timeout=30))
+            except psycopg.OperationalError as e:
+                raise ConfigError(
+                    f"cannot reach the job queue at {self.where}: {str(e).strip()}",
+                    hint="Check LOFT_JOBS_URL (or jobs.url in LOFT_HOME/settings.yaml).",
+                ) from None
+        return sqlite3.connect(self.path, timeout=60, isolation_level=None)
+
+    def _close(self, conn: Any) -> None:
+        (conn.conn if self.pg else conn).close()
+
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken with BEGIN IMMEDIATE (no upgrade deadlocks)."""
+    def _tx(self) -> Iterator[Any]:
+        """One write transaction (SQLite: BEGIN IMMEDIATE, no lock-upgrade deadlocks)."""
         if not self._ready:
             self._init()
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn = self._connect()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN" if self.pg else "BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
@@ -176,41 +238,74 @@ class JobStore:
                 raise
             conn.execute("COMMIT")
         finally:
-            conn.close()
+            self._close(conn)
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Any]:
         if not self._ready:
             self._init()
-        conn = sqlite3.connect(self.path, timeout=60)
+        conn = self._connect()
         try:
             yield conn
         finally:
-            conn.close()
+            self._close(conn)
 
     def _init(self) -> None:
         with self._lock:
             if self._ready:
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            with contextlib.closing(conn):
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")  # one process creates the schema
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    conn.execute("ROLLBACK")
-                    raise ConfigError(
-                        f"{self.path} has job-queue schema version {version}; this loft "
-                        f"understands up to {SCHEMA_VERSION}.",
-                        hint="Upgrade loft.",
-                    )
-                if version == 0:
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
+            if self.pg:
+                self._init_pg()
+            else:
+                self._init_sqlite()
             self._ready = True
+
+    def _init_sqlite(self) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        with contextlib.closing(conn):
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")  # one process creates the schema
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise self._too_new(version)
+            if version == 0:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+
+    def _init_pg(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("SELECT pg_advisory_xact_lock(7417)")  # one process creates the schema
+            conn.execute("CREATE TABLE IF NOT EXISTS loft_jobs_meta (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM loft_jobs_meta").fetchone()
+            if row and row[0] > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise self._too_new(row[0])
+            if not row:
+                schema = (
+                    _SCHEMA.replace(" REAL", " DOUBLE PRECISION")
+                    .replace("mem_bytes INTEGER", "mem_bytes BIGINT")
+                    .replace("capacity_bytes INTEGER", "capacity_bytes BIGINT")
+                )
+                for statement in filter(str.strip, schema.split(";")):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO loft_jobs_meta VALUES (?)", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        finally:
+            self._close(conn)
+
+    def _too_new(self, version: int) -> ConfigError:
+        return ConfigError(
+            f"{self.where} has job-queue schema version {version}; this loft understands up to "
+            f"{SCHEMA_VERSION}.",
+            hint="Upgrade loft.",
+        )
 
     # ------------------------------------------------------------------ submit and read
 
@@ -245,7 +340,7 @@ class JobStore:
                 ).fetchall()
                 r = rows[0] if len(rows) == 1 else None
         if r is None:
-            raise NotFoundError(f"no job {job_id!r} in {self.path}", hint="See `loft jobs list`.")
+            raise NotFoundError(f"no job {job_id!r} in {self.where}", hint="See `loft jobs list`.")
         return _row(r)
 
     def list(self, *, status: str | None = None, limit: int = 100) -> list[Job]:
@@ -267,8 +362,10 @@ class JobStore:
                         devices: list[str]) -> None:  # fmt: skip
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO workers (id, host, pid, capacity_bytes, devices, seen) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT INTO workers (id, host, pid, capacity_bytes, devices, seen) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT (id) DO UPDATE SET host = excluded.host,"
+                " pid = excluded.pid, capacity_bytes = excluded.capacity_bytes,"
+                " devices = excluded.devices, seen = excluded.seen, stopped = NULL",
                 (worker_id, host, pid, capacity, json.dumps(devices), time.time()),
             )
 
@@ -300,7 +397,8 @@ class JobStore:
                 " (status = 'ADMITTED' OR (status = 'RUNNING' AND lease_until < ?))"
                 " ORDER BY priority DESC,"
                 " (SELECT COUNT(*) FROM jobs o WHERE o.owner = j.owner AND o.status = 'RUNNING'"
-                "  AND o.lease_until >= ?) ASC, created ASC LIMIT 1",
+                "  AND o.lease_until >= ?) ASC, created ASC LIMIT 1"
+                + (" FOR UPDATE SKIP LOCKED" if self.pg else ""),
                 (capacity, now, now),
             ).fetchone()
             if r is None:
