@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -168,8 +169,6 @@ class _Pg:
 def store_url() -> str:
     """Where the queue lives: LOFT_JOBS_URL, else ``jobs.url`` in LOFT_HOME/settings.yaml, else
     LOFT_HOME/jobs.db."""
-    import os
-
     url = os.environ.get("LOFT_JOBS_URL")
     settings = loft_home() / "settings.yaml"
     if not url and settings.is_file():
@@ -192,6 +191,7 @@ class JobStore:
         self.path = Path(url.removeprefix("sqlite:///")) if not self.pg else None
         self._ready = False
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     @property
     def where(self) -> str:
@@ -223,32 +223,55 @@ class JobStore:
     def _close(self, conn: Any) -> None:
         (conn.conn if self.pg else conn).close()
 
+    def _conn(self) -> Any:
+        """This thread's connection, opened once and kept (a connection per call costs more
+        than the claim itself on PostgreSQL: bench/jobs.py)."""
+        if not self._ready:
+            self._init()
+        local = self._local
+        if getattr(local, "conn", None) is None or local.pid != os.getpid():
+            local.conn, local.pid = self._connect(), os.getpid()
+        return local.conn
+
+    def _drop(self) -> None:
+        """Forget this thread's connection after an error (the next call opens a fresh one)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                self._close(conn)
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
         """One write transaction (SQLite: BEGIN IMMEDIATE, no lock-upgrade deadlocks)."""
-        if not self._ready:
-            self._init()
-        conn = self._connect()
+        conn = self._conn()
         try:
             conn.execute("BEGIN" if self.pg else "BEGIN IMMEDIATE")
+        except Exception:
+            self._drop()
+            raise
+        try:
+            yield conn
+        except BaseException:
             try:
-                yield conn
-            except BaseException:
                 conn.execute("ROLLBACK")
-                raise
+            except Exception:
+                self._drop()
+            raise
+        try:
             conn.execute("COMMIT")
-        finally:
-            self._close(conn)
+        except Exception:
+            self._drop()
+            raise
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Any]:
-        if not self._ready:
-            self._init()
-        conn = self._connect()
+        conn = self._conn()
         try:
             yield conn
-        finally:
-            self._close(conn)
+        except Exception:
+            self._drop()
+            raise
 
     def _init(self) -> None:
         with self._lock:
