@@ -327,3 +327,70 @@ def test_bad_input_fails_without_retry_and_a_job_too_big_is_refused_at_submit(tm
     assert r.returncode == 2
     assert "this job needs an estimated" in r.stderr and "optimizer" in r.stderr
     assert len(JobStore().list()) == 1  # nothing queued for it
+
+
+@pytest.mark.integration
+def test_a_gpu_worker_hands_its_devices_to_each_job(tmp_path, loft_home):
+    from helpers import run_loft
+    from loft.jobs import JobStore, job_dir
+
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    job = JobStore().submit("data-validate", {"args": [str(data)]}, owner="ann")
+    w = run_loft("worker", "--gpus", "1,3", "--capacity-gb", "80", "--until-idle")
+    assert w.returncode == 0, w.stderr
+    assert "GPUs 1,3" in w.stderr
+    log = (job_dir(job.id) / "log.txt").read_text()
+    assert "(CUDA_VISIBLE_DEVICES=1,3)" in log and "OK: 1 record" in log
+    if not any(Path(p, "nvidia-smi").exists() for p in os.environ["PATH"].split(":")):
+        r = run_loft("worker", "--gpus", "0", "--until-idle")  # its memory cannot be known
+        assert r.returncode == 2 and "pass --capacity-gb" in r.stderr.lower()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_loft_up_runs_a_worker_and_the_server_and_stops_both(tmp_path, tiny_model, loft_home):
+    import urllib.request
+
+    from helpers import descendants, start_loft
+    from loft.jobs import JobStore
+
+    with contextlib.closing(__import__("socket").socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_loft(
+        "up", "--workers", "1", "--", "--no-auth", "--base-model", str(tiny_model),
+        "--port", str(port), stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        _wait(healthy, 300)
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        data = tmp_path / "d.jsonl"
+        data.write_text(json.dumps({"messages": turns}) + "\n")
+        job = JobStore().submit("data-validate", {"args": [str(data)]}, owner="ann")
+        _wait(lambda: JobStore().get(job.id).status == "SUCCEEDED", 120)
+        children = descendants(proc.pid)
+        assert len(children) >= 2  # the worker and the server
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for c in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+    assert proc.returncode == 0, err[-2000:]
+    assert "loft up: worker 0 (pid" in err and "server (pid" in err
+    assert not any(Path(f"/proc/{c}").exists() for c in children)  # both stopped with it
+    assert not healthy()

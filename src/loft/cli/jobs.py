@@ -247,6 +247,9 @@ def register(root: typer.Typer) -> None:
         capacity_gb: float | None = typer.Option(
             None, "--capacity-gb", help="Memory this worker offers (default: this machine's RAM)."
         ),
+        gpus: str | None = typer.Option(
+            None, "--gpus", help="GPU indices its jobs get, e.g. 0,1 (CUDA_VISIBLE_DEVICES)."
+        ),
     ) -> None:
         """Claim and run queued jobs on this machine, one at a time, each in its own process
         group with its log under LOFT_HOME/jobs/ID. SIGTERM or Ctrl-C: the running job
@@ -254,8 +257,33 @@ def register(root: typer.Typer) -> None:
         from loft.jobs import Worker
 
         cap = int(capacity_gb * 2**30) if capacity_gb is not None else None
+        devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
         w = Worker(capacity=cap, lease_s=lease, poll_s=poll, max_jobs=max_jobs,
-                   until_idle=until_idle,
+                   until_idle=until_idle, gpus=devices,
                    say=lambda m: err_console.print(m, markup=False, soft_wrap=True))  # fmt: skip
         n = w.run()
         err_console.print(f"worker {w.id}: ran {n} job(s)", markup=False)
+
+
+def register_up(root: typer.Typer) -> None:
+    @root.command("up")
+    def up_cmd(
+        serve_args: list[str] = typer.Argument(
+            None, metavar="[-- SERVE_ARGS]", help="Options for `loft serve` (after --)."
+        ),
+        workers: int = typer.Option(1, "--workers", min=0, help="Job workers to run here."),
+        no_serve: bool = typer.Option(False, "--no-serve", help="Workers only, no model server."),
+        gpus: str | None = typer.Option(None, "--gpus", help="Passed to each worker."),
+    ) -> None:
+        """Start this machine's part of the deployment: job workers and the model server
+        (`loft serve`, 127.0.0.1:8000 unless SERVE_ARGS say otherwise), supervised together.
+        SIGTERM or Ctrl-C stops all of them; running jobs go back to the queue."""
+        from loft.jobs.up import up
+
+        worker_args = ["--gpus", gpus] if gpus else []
+        code = up(
+            workers=workers, worker_args=worker_args,
+            serve_args=None if no_serve else list(serve_args or []),
+            say=lambda m: err_console.print(m, markup=False, soft_wrap=True),
+        )  # fmt: skip
+        raise typer.Exit(code)

@@ -80,6 +80,7 @@ def _register() -> None:
     export.register(app)
     tune.register(app)
     jobs.register(app)
+    jobs.register_up(app)
 
 
 _register()

@@ -56,6 +56,28 @@ def memory_capacity() -> int:
         return 0
 
 
+def gpu_capacity(gpus: list[str]) -> int:
+    """The smallest of these GPUs' memory, from nvidia-smi (a job's estimate is per GPU)."""
+    from loft.core.errors import ConfigError
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        raise ConfigError(
+            f"--gpus {','.join(gpus)}: nvidia-smi cannot tell these GPUs' memory here",
+            hint="Pass --capacity-gb with the memory of one of them.",
+        ) from None
+    mib = {i.strip(): int(m) for i, m in (ln.split(",") for ln in out.strip().splitlines())}
+    missing = [g for g in gpus if g not in mib]
+    if missing:
+        listed = ", ".join(mib)
+        raise ConfigError(f"--gpus: no GPU {', '.join(missing)} (nvidia-smi lists {listed})")
+    return min(mib[g] for g in gpus) << 20
+
+
 class Worker:
     def __init__(
         self,
@@ -66,13 +88,17 @@ class Worker:
         poll_s: float = 1.0,
         max_jobs: int | None = None,
         until_idle: bool = False,
+        gpus: list[str] | None = None,
         say: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.store = store or JobStore()
-        self.capacity = capacity if capacity is not None else memory_capacity()
+        if capacity is None:
+            capacity = gpu_capacity(list(gpus)) if gpus else memory_capacity()
+        self.capacity = capacity
         self.lease_s, self.poll_s = lease_s, poll_s
         self.max_jobs, self.until_idle = max_jobs, until_idle
         self.say = say
+        self.gpus = list(gpus or [])  # the devices this worker's jobs see (CUDA_VISIBLE_DEVICES)
         pid = os.getpid()
         self.id = f"{socket.gethostname()}:{pid}:{start_ticks(pid) or 0}"
         self.stopping = False
@@ -84,8 +110,11 @@ class Worker:
         """Work until stopped (or ``max_jobs`` ran, or idle with ``until_idle``); jobs run."""
         old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         self.store.register_worker(self.id, socket.gethostname(), os.getpid(), self.capacity,
-                                   [])  # fmt: skip
-        self.say(f"worker {self.id}: {self.capacity / 2**30:.1f} GiB, lease {self.lease_s:g} s")
+                                   self.gpus)  # fmt: skip
+        self.say(
+            f"worker {self.id}: {self.capacity / 2**30:.1f} GiB, lease {self.lease_s:g} s"
+            + (f", GPUs {','.join(self.gpus)}" if self.gpus else "")
+        )
         last_seen = 0.0
         try:
             while not self.stopping and (self.max_jobs is None or self.ran < self.max_jobs):
@@ -119,14 +148,17 @@ class Worker:
         resume = job.attempts > 1
         cmd = [sys.executable, "-m", "loft.cli.main", *kinds.argv(job.kind, job.spec, d, resume)]
         log_path = d / "log.txt"
+        env = {**os.environ, "LOFT_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         with open(log_path, "ab") as log:
+            devices = f" (CUDA_VISIBLE_DEVICES={','.join(self.gpus)})" if self.gpus else ""
             log.write(
                 f"=== attempt {job.attempts} of job {job.id} on worker {self.id} at "
-                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: loft "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}{devices}: loft "
                 f"{' '.join(cmd[3:])}\n".encode()
             )
             log.flush()
-            env = {**os.environ, "LOFT_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True, preexec_fn=_die_with_parent,
@@ -199,4 +231,4 @@ def _last_error(path: Path) -> str:
     return lines[-1][:500] if lines else ""
 
 
-__all__ = ["Worker", "memory_capacity"]
+__all__ = ["Worker", "gpu_capacity", "memory_capacity"]
