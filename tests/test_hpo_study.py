@@ -416,3 +416,33 @@ def test_a_generation_metric_is_maximised_and_logged_on_the_trial_run(
 
     study = registry.get_version(ref).card["lineage"]["study"]
     assert study["objective"] == "exact_match" and study["value"] == best.value
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_study_on_postgresql_shared_by_two_workers(
+    tmp_path, tiny_model, loft_home, pg_url, monkeypatch
+):
+    from loft.hpo.report import register_best
+    from loft.hpo.study import load_study, run_study
+
+    monkeypatch.setenv("LOFT_STUDIES_URL", pg_url)  # the workers inherit it
+    recipe = _recipe(tmp_path, tiny_model)
+    space = _space(
+        tmp_path,
+        "params:\n  training.lr: {float: [1.0e-3, 1.0e-2], log: true}\n"
+        "fixed:\n  training.max_steps: 4\n",
+    )
+    trials = run_study(recipe, space, name="pg", trials=4, workers=2, pruner="none")
+    assert [t.state for t in trials] == ["COMPLETE"] * 4
+    assert len({t.owner_pid for t in trials}) == 2  # both worker processes ran trials
+    assert not (loft_home / "studies" / "pg.journal").exists()  # the study is in the database
+    assert len(load_study("pg").trials) == 4
+    ref, _ = register_best("pg")
+    from loft import registry
+
+    where = registry.get_version(ref).card["lineage"]["study"]["storage"]
+    assert where.startswith("postgresql://") and where.endswith("/" + pg_url.rsplit("/", 1)[1])
+    monkeypatch.delenv("LOFT_STUDIES_URL")
+    with pytest.raises(Exception, match="no study named 'pg'"):
+        load_study("pg")  # the journal store knows nothing of it

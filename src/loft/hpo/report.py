@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from loft.core.errors import ConfigError
-from loft.hpo.storage import SPEC, journal_path, load_study, studies_dir
+from loft.hpo.storage import SPEC, load_study, studies_dir, where
 
 
 @dataclass
@@ -191,7 +191,7 @@ def register_best(name: str, model_name: str | None = None) -> tuple[str, TrialR
         "value": best.value,
         "params": best.params,
         "trials": len(results),
-        "storage": str(journal_path(name)),
+        "storage": where(name),
     }
     if spec.get("mlflow_run_id"):
         lineage["mlflow_run_id"] = spec["mlflow_run_id"]

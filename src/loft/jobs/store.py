@@ -169,14 +169,9 @@ class _Pg:
 def store_url() -> str:
     """Where the queue lives: LOFT_JOBS_URL, else ``jobs.url`` in LOFT_HOME/settings.yaml, else
     LOFT_HOME/jobs.db."""
-    url = os.environ.get("LOFT_JOBS_URL")
-    settings = loft_home() / "settings.yaml"
-    if not url and settings.is_file():
-        import yaml
+    from loft.core.settings import setting
 
-        doc = yaml.safe_load(settings.read_text()) or {}
-        url = ((doc.get("jobs") or {}) if isinstance(doc, dict) else {}).get("url")
-    return str(url or loft_home() / "jobs.db")
+    return str(setting("LOFT_JOBS_URL", "jobs.url") or loft_home() / "jobs.db")
 
 
 class JobStore:
@@ -195,12 +190,9 @@ class JobStore:
 
     @property
     def where(self) -> str:
-        if self.pg:
-            from urllib.parse import urlsplit
+        from loft.core.settings import redact
 
-            u = urlsplit(self.url)
-            return f"postgresql://{u.hostname}:{u.port or 5432}{u.path}"
-        return str(self.path)
+        return redact(self.url) if self.pg else str(self.path)
 
     def _connect(self) -> Any:
         if self.pg:

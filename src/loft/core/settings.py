@@ -1,0 +1,48 @@
+"""The deployment's settings: an environment variable, else a key of ``LOFT_HOME/settings.yaml``,
+else the embedded default. One file switches a team's machines to shared services:
+
+    jobs:    {url: postgresql://loft@db.internal:5432/loft}      # or LOFT_JOBS_URL
+    studies: {url: postgresql://loft@db.internal:5432/loft}      # or LOFT_STUDIES_URL
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from loft.core.errors import ConfigError
+from loft.core.paths import loft_home
+
+
+def setting(env: str, key: str) -> Any:
+    """``$env`` if set, else ``key`` (a dotted path) in LOFT_HOME/settings.yaml, else None."""
+    if os.environ.get(env):
+        return os.environ[env]
+    path = loft_home() / "settings.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        node: Any = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages and lineage."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+    return urlunsplit(u._replace(netloc=netloc))
+
+
+__all__ = ["redact", "setting"]
