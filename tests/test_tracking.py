@@ -129,6 +129,8 @@ def test_tracking_uri_precedence(loft_home: Path, monkeypatch: pytest.MonkeyPatc
     assert default == f"sqlite:///{(loft_home / 'mlflow.db').as_posix()}"
     assert artifact_root(default) == loft_home.resolve() / "artifacts"
     assert artifact_root("http://tracking:5000") is None
+    # a database store: under LOFT_HOME too, not ./mlruns wherever the process happens to start
+    assert artifact_root("postgresql+psycopg://db/loft") == loft_home.resolve() / "artifacts"
     assert resolve_tracking_uri(None) == default
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert resolve_tracking_uri(None) == "http://env:5000"

@@ -85,13 +85,22 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def artifact_root(uri: str) -> Path | None:
-    """Where artifacts live for a SQLite store: ``artifacts/`` beside the database file.
+DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
 
-    None for server and database stores, whose own configuration decides.
+
+def artifact_root(uri: str) -> Path | None:
+    """Where artifacts live: ``artifacts/`` beside a SQLite store's file; ``LOFT_HOME/artifacts``
+    for a database store (PostgreSQL: MLflow would otherwise write to ``./mlruns`` in whatever
+    directory the process started in).
+
+    None for a tracking server, whose own configuration decides.
     """
     db = sqlite_path(uri)
-    return db.expanduser().resolve().parent / "artifacts" if db else None
+    if db:
+        return db.expanduser().resolve().parent / "artifacts"
+    if uri.split(":", 1)[0].split("+", 1)[0].lower() in DATABASE_SCHEMES:
+        return loft_home().resolve() / "artifacts"
+    return None
 
 
 def mlflow_client(uri: str | None = None) -> MlflowClient:
