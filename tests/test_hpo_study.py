@@ -446,3 +446,24 @@ def test_a_study_on_postgresql_shared_by_two_workers(
     monkeypatch.delenv("LOFT_STUDIES_URL")
     with pytest.raises(Exception, match="no study named 'pg'"):
         load_study("pg")  # the journal store knows nothing of it
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_a_trial_is_never_pruned_at_its_last_step(tmp_path, tiny_model, loft_home):
+    import optuna
+
+    from loft.hpo.study import run_study, storage
+
+    recipe = _recipe(tmp_path, tiny_model)  # 8 steps
+    space = _space(
+        tmp_path,
+        "params:\n  training.lr: {choices: [5.0e-3, 1.0e-8]}\nfixed:\n  training.eval_every: 8\n",
+    )
+    study = optuna.create_study(study_name="last", storage=storage("last"))
+    study.enqueue_trial({"training.lr": 5e-3})
+    study.enqueue_trial({"training.lr": 1e-8})  # worse at its only evaluation, the last step
+    trials = run_study(recipe, space, name="last", trials=2, pruner="successive_halving",
+                       tracker_factory=MemoryTracker)  # fmt: skip
+    assert [t.state for t in trials] == ["COMPLETE", "COMPLETE"]  # its tokens were spent anyway
+    assert trials[0].value < trials[1].value and trials[1].steps == 8

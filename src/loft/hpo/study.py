@@ -313,11 +313,15 @@ def work(
             )
         )
 
+        last = config.training.max_steps  # None: epochs, the last step is not known here
+
         def report(step: int, loss: float) -> None:
             trial.set_user_attr("steps", step)
             if multi:
                 return
             trial.report(sign * loss, step)
+            if last is not None and step >= last:
+                return  # the run is done: stopping it now would save nothing and lose it
             if trial.should_prune():
                 raise RunPruned(
                     f"trial {trial.number} pruned at step {step} (eval loss {loss:.4f})"
