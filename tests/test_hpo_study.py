@@ -33,19 +33,26 @@ def _space(tmp_path: Path, text: str):
     return load_space(p)
 
 
+def _good_then_bad(name: str) -> None:
+    """Study ``name`` with two trials queued: lr 5e-3 (learns), then 1e-8 (does not)."""
+    import optuna
+
+    from loft.hpo.study import storage
+
+    study = optuna.create_study(study_name=name, storage=storage(name))
+    study.enqueue_trial({"training.lr": 5e-3})
+    study.enqueue_trial({"training.lr": 1e-8})
+
+
 @pytest.mark.unit
 @pytest.mark.slow
 def test_a_bad_trial_is_pruned_at_an_evaluation_with_fewer_steps(tmp_path, tiny_model, loft_home):
-    import optuna
-
-    from loft.hpo.study import run_study, storage, studies_dir
+    from loft.hpo.study import run_study, studies_dir
     from loft.train import rundir
 
     recipe = _recipe(tmp_path, tiny_model)
     space = _space(tmp_path, "params:\n  training.lr: {choices: [5.0e-3, 1.0e-8]}\n")
-    study = optuna.create_study(study_name="prune", storage=storage("prune"))
-    study.enqueue_trial({"training.lr": 5e-3})  # learns
-    study.enqueue_trial({"training.lr": 1e-8})  # does not: worse at the first rung
+    _good_then_bad("prune")  # the second is worse at the first rung
     trials = run_study(
         recipe, space, name="prune", trials=2, pruner="successive_halving",
         tracker_factory=MemoryTracker,
@@ -136,16 +143,12 @@ def test_a_token_budget_stops_the_study(tmp_path, tiny_model, loft_home):
 @pytest.mark.unit
 @pytest.mark.slow
 def test_each_trial_is_an_mlflow_child_run_of_the_study_run(tmp_path, tiny_model, loft_home):
-    import optuna
-
-    from loft.hpo.study import load_study, run_study, storage
+    from loft.hpo.study import load_study, run_study
     from loft.tracking import mlflow_client
 
     recipe = _recipe(tmp_path, tiny_model)
     space = _space(tmp_path, "params:\n  training.lr: {choices: [5.0e-3, 1.0e-8]}\n")
-    study = optuna.create_study(study_name="tracked", storage=storage("tracked"))
-    study.enqueue_trial({"training.lr": 5e-3})
-    study.enqueue_trial({"training.lr": 1e-8})  # pruned at the first rung
+    _good_then_bad("tracked")  # the second is pruned at the first rung
     run_study(recipe, space, name="tracked", trials=2)
     parent_id = load_study("tracked").user_attrs["loft"]["mlflow_run_id"]
     client = mlflow_client()
@@ -451,18 +454,14 @@ def test_a_study_on_postgresql_shared_by_two_workers(
 @pytest.mark.unit
 @pytest.mark.slow
 def test_a_trial_is_never_pruned_at_its_last_step(tmp_path, tiny_model, loft_home):
-    import optuna
-
-    from loft.hpo.study import run_study, storage
+    from loft.hpo.study import run_study
 
     recipe = _recipe(tmp_path, tiny_model)  # 8 steps
     space = _space(
         tmp_path,
         "params:\n  training.lr: {choices: [5.0e-3, 1.0e-8]}\nfixed:\n  training.eval_every: 8\n",
     )
-    study = optuna.create_study(study_name="last", storage=storage("last"))
-    study.enqueue_trial({"training.lr": 5e-3})
-    study.enqueue_trial({"training.lr": 1e-8})  # worse at its only evaluation, the last step
+    _good_then_bad("last")  # the second is worse at its only evaluation, the last step
     trials = run_study(recipe, space, name="last", trials=2, pruner="successive_halving",
                        tracker_factory=MemoryTracker)  # fmt: skip
     assert [t.state for t in trials] == ["COMPLETE", "COMPLETE"]  # its tokens were spent anyway
