@@ -93,3 +93,28 @@ def pg_url(pg_server, request) -> str:
     import re
 
     return pg_server.new_database(re.sub(r"\W", "_", request.node.name)[:60].lower())
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3-compatible server (moto's server mode) for the session (tests/s3_server.py)."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server; boto3's credentials and endpoint set as a MinIO
+    user sets them."""
+    import re
+
+    from s3_server import CREDENTIALS
+
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LOFT_S3_ENDPOINT_URL", s3_server.endpoint)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    return s3_server.new_bucket(name)

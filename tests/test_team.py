@@ -38,3 +38,55 @@ def test_a_run_registers_and_promotes_on_a_postgresql_tracking_store(
     root = (loft_home.resolve() / "artifacts").as_uri()
     assert runs and all(uri.startswith(root) for (uri,) in runs)
     assert not (loft_home / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_registry_files_in_s3_are_verified_on_every_machine(
+    tmp_path, tiny_model, loft_home, s3_server, s3_bucket, monkeypatch, _session_home
+):
+    from helpers import linked_home
+    from loft import registry
+    from loft.core.config import load_config
+    from loft.core.errors import IntegrityError
+    from loft.train import train
+    from test_train import tiny_config
+
+    # two machines: their own LOFT_HOME, one tracking store and one bucket between them
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared-mlflow.db'}")
+    monkeypatch.setenv("LOFT_REGISTRY_URL", f"s3://{s3_bucket}/registry")
+    cfg = tiny_config(tmp_path, tiny_model, max_steps=2)
+    cfg["run_name"] = "shared"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train(load_config(path), progress=False).summary["registered"] == "shared:1"
+    s3 = s3_server.client()
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"])
+    assert "registry/shared/1/card.json" in keys
+    assert "registry/shared/1/adapter_model.safetensors" in keys
+    here = registry.get_version("shared:1")
+
+    (tmp_path / "second").mkdir()
+    second = linked_home(tmp_path / "second", _session_home)
+    monkeypatch.setenv("LOFT_HOME", str(second))
+    there = registry.get_version("shared:1")  # downloaded, every file checked against the card
+    assert there.path == second / "registry" / "shared" / "1" and there.path.is_dir()
+    for rec in here.card["files"]:
+        assert (there.path / rec["path"]).read_bytes() == (here.path / rec["path"]).read_bytes()
+    from loft.registry.evaluations import make_entries
+
+    registry.record_evaluation("shared:1", make_entries({"exact_match": 0.5}, on=None,
+                                                        source="eval"))  # fmt: skip
+    monkeypatch.setenv("LOFT_HOME", str(loft_home))  # the first machine sees that evaluation
+    assert registry.get_version("shared:1").card["metrics"]["exact_match"] == 0.5
+
+    body = s3.get_object(Bucket=s3_bucket, Key="registry/shared/1/adapter_model.safetensors")
+    data = bytearray(body["Body"].read())
+    data[-1] ^= 1  # one bit changed in the bucket after registration
+    s3.put_object(Bucket=s3_bucket, Key="registry/shared/1/adapter_model.safetensors", Body=data)
+    (tmp_path / "third").mkdir()
+    third = linked_home(tmp_path / "third", _session_home)
+    monkeypatch.setenv("LOFT_HOME", str(third))
+    with pytest.raises(IntegrityError, match=r"adapter_model.safetensors does not match its card"):
+        registry.get_version("shared:1")
+    assert not (third / "registry" / "shared" / "1").exists()  # nothing half-downloaded

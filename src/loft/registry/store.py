@@ -2,7 +2,9 @@
 
 MLflow holds names, versions, aliases and tags (same tracking URI as runs); a version's files live
 in ``LOFT_HOME/registry/<name>/<version>/`` beside its ``card.json`` and the MLflow version's
-``source`` points there. mlflow is imported lazily, inside functions.
+``source`` points there. With an object store configured (``loft.registry.objects``: S3, MinIO)
+the files are uploaded there too, ``source`` names the bucket, and a machine that lacks a version
+downloads a verified copy. mlflow is imported lazily, inside functions.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, atomic_write_json, file_lock
+from loft.core.paths import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock
 from loft.registry import card as cards
 from loft.registry import evaluations as evals
+from loft.registry import objects
 from loft.registry.names import check_name, model_dir, parse_ref, sanitise_name, version_dir
 from loft.registry.reader import MlflowReader, RegistryReader, fast_reader
 
@@ -176,10 +179,13 @@ def register(
                 parents=parent_refs, study=study,
             )  # fmt: skip
             atomic_write_json(tmp / cards.CARD, card)  # last: the completion marker
+        store = objects.remote()
         try:
+            if store is not None:  # files first, card last: the version is whole or absent
+                store.upload_version(name, version, final, card)
             mv = c.create_model_version(
                 name,
-                source=final.as_uri(),
+                source=store.uri(name, version) if store else final.as_uri(),
                 run_id=_linkable_run(c, src.summary.get("mlflow_run_id")),
                 tags=_version_tags(card, final),
                 description=f"{card['kind']} registered by loft from {src.weights_dir}",
@@ -284,6 +290,9 @@ def get_version(ref: str, *, verify: bool = True) -> ModelVersion:
     name, version, aliases = resolve(ref)
     root = version_dir(name, version)
     label = f"{name}:{version}"
+    store = objects.remote()
+    if store is not None:
+        _sync(store, name, version, root)
     if not root.is_dir():
         raise IntegrityError(
             f"{label}: its files are missing ({root} does not exist).",
@@ -295,6 +304,19 @@ def get_version(ref: str, *, verify: bool = True) -> ModelVersion:
     return ModelVersion(
         name, version, root, card, sorted(a for a, v in aliases.items() if v == version)
     )
+
+
+def _sync(store: objects.S3Registry, name: str, version: int, root: Path) -> None:
+    """This machine's copy of a version from the object store: downloaded (verified) when it is
+    missing, its card refreshed when another machine changed it."""
+    if not (root / cards.CARD).is_file():
+        with _lock(name):
+            if not (root / cards.CARD).is_file():
+                store.fetch_version(name, version, root)
+        return
+    remote_card = store.card(name, version)
+    if remote_card is not None and remote_card != (root / cards.CARD).read_bytes():
+        atomic_write_bytes(root / cards.CARD, remote_card)
 
 
 def verify(ref: str) -> ModelVersion:
@@ -369,6 +391,8 @@ def _update_card(ref: str, change: dict[str, Any], tags: dict[str, str]) -> Mode
                 card[key] = value
         atomic_write_json(mv.path / cards.CARD, card)
         mv.card = card
+        if (store := objects.remote()) is not None:
+            store.upload_card(name, version, mv.path)
     c = client()
     for key, value in tags.items():
         c.set_model_version_tag(name, str(version), key, value)
@@ -415,6 +439,9 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
         for p in mv.path.iterdir():
             if p.name != TOMBSTONE:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if (store := objects.remote()) is not None:
+            store.upload_card(name, version, mv.path, TOMBSTONE)
+            store.delete_files(name, version, keep=TOMBSTONE)
         append_history(name, entry)
     return entry
 
@@ -425,11 +452,23 @@ def versions_built_on(base_model: str) -> list[str]:
     out = []
     for name in r.names():
         for version in r.versions(name):
-            card = cards.read_card(version_dir(name, version), ref=f"{name}:{version}")
+            card = _card(name, version)
             base = ((card.get("lineage") or {}).get("base_model") or {}).get("name")
             if base == base_model:
                 out.append(f"{name}:{version}")
     return out
+
+
+def _card(name: str, version: int) -> dict[str, Any]:
+    """A version's card without its files: from the object store when this machine has no copy."""
+    root = version_dir(name, version)
+    store = objects.remote()
+    if store is not None and not (root / cards.CARD).is_file():
+        import json
+
+        raw = store.card(name, version)
+        return json.loads(raw) if raw else {}
+    return cards.read_card(root, ref=f"{name}:{version}")
 
 
 def record_evaluation(ref: str, entries: list[dict[str, Any]]) -> ModelVersion:
