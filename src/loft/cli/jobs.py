@@ -250,16 +250,24 @@ def register(root: typer.Typer) -> None:
         gpus: str | None = typer.Option(
             None, "--gpus", help="GPU indices its jobs get, e.g. 0,1 (CUDA_VISIBLE_DEVICES)."
         ),
+        executor: str = typer.Option(
+            "local", "--executor", help="local (processes here) or ray (Ray's Jobs API)."
+        ),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="The Ray dashboard, http://HEAD:8265 (or LOFT_RAY_ADDRESS)."
+        ),
     ) -> None:
         """Claim and run queued jobs on this machine, one at a time, each in its own process
-        group with its log under LOFT_HOME/jobs/ID. SIGTERM or Ctrl-C: the running job
+        group with its log under LOFT_HOME/jobs/ID (or, with --executor ray, as a Ray job on the
+        cluster, its output and status mirrored here). SIGTERM or Ctrl-C: the running job
         checkpoints and goes back to the queue. Run several for several jobs at once."""
         from loft.jobs import Worker
 
         cap = int(capacity_gb * 2**30) if capacity_gb is not None else None
         devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
         w = Worker(capacity=cap, lease_s=lease, poll_s=poll, max_jobs=max_jobs,
-                   until_idle=until_idle, gpus=devices,
+                   until_idle=until_idle, gpus=devices, executor=executor,
+                   ray_address=ray_address,
                    say=lambda m: err_console.print(m, markup=False, soft_wrap=True))  # fmt: skip
         n = w.run()
         err_console.print(f"worker {w.id}: ran {n} job(s)", markup=False)

@@ -35,8 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loft.core.errors import ConfigError
 from loft.core.procs import start_ticks
-from loft.jobs import kinds
+from loft.jobs import kinds, ray_executor
 from loft.jobs.store import Job, JobStore, job_dir
 
 NO_RETRY = (2, 3)  # bad input, refused gate: exit codes that fail the same way every time
@@ -58,7 +59,6 @@ def memory_capacity() -> int:
 
 def gpu_capacity(gpus: list[str]) -> int:
     """The smallest of these GPUs' memory, from nvidia-smi (a job's estimate is per GPU)."""
-    from loft.core.errors import ConfigError
 
     try:
         out = subprocess.run(
@@ -89,11 +89,19 @@ class Worker:
         max_jobs: int | None = None,
         until_idle: bool = False,
         gpus: list[str] | None = None,
+        executor: str = "local",
+        ray_address: str | None = None,
         say: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.store = store or JobStore()
-        if capacity is None:
-            capacity = gpu_capacity(list(gpus)) if gpus else memory_capacity()
+        if executor not in ("local", "ray"):
+            raise ConfigError(f"--executor {executor!r}: local or ray")
+        self.ray = ray_executor.client(ray_address) if executor == "ray" else None
+        if capacity is None:  # on Ray, the cluster places the job: this worker only submits it
+            capacity = (
+                1 << 60 if self.ray is not None
+                else gpu_capacity(list(gpus)) if gpus else memory_capacity()
+            )  # fmt: skip
         self.capacity = capacity
         self.lease_s, self.poll_s = lease_s, poll_s
         self.max_jobs, self.until_idle = max_jobs, until_idle
@@ -111,8 +119,9 @@ class Worker:
         old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         self.store.register_worker(self.id, socket.gethostname(), os.getpid(), self.capacity,
                                    self.gpus)  # fmt: skip
+        room = "on Ray" if self.ray is not None else f"{self.capacity / 2**30:.1f} GiB"
         self.say(
-            f"worker {self.id}: {self.capacity / 2**30:.1f} GiB, lease {self.lease_s:g} s"
+            f"worker {self.id}: {room}, lease {self.lease_s:g} s"
             + (f", GPUs {','.join(self.gpus)}" if self.gpus else "")
         )
         last_seen = 0.0
@@ -153,43 +162,50 @@ class Worker:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         with open(log_path, "ab") as log:
             devices = f" (CUDA_VISIBLE_DEVICES={','.join(self.gpus)})" if self.gpus else ""
+            where = " on Ray" if self.ray is not None else ""
             log.write(
-                f"=== attempt {job.attempts} of job {job.id} on worker {self.id} at "
+                f"=== attempt {job.attempts} of job {job.id} on worker {self.id}{where} at "
                 f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}{devices}: loft "
                 f"{' '.join(cmd[3:])}\n".encode()
             )
             log.flush()
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )  # fmt: skip
-        self.say(f"job {job.id} ({job.kind}, attempt {job.attempts}): pid {proc.pid}")
-        outcome = self._watch(job, proc, log_path)
+            if self.ray is not None:
+                run: Any = ray_executor.RayRun(self.ray, job, cmd, log_path, len(self.gpus))
+                what = f"Ray job {run.id}"
+            else:
+                run = _Local(subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                ))  # fmt: skip
+                what = f"pid {run.proc.pid}"
+        self.say(f"job {job.id} ({job.kind}, attempt {job.attempts}): {what}")
+        outcome = self._watch(job, run, log_path)
         self.say(f"job {job.id}: {outcome}")
         return outcome
 
-    def _watch(self, job: Job, proc: subprocess.Popen, log_path: Path) -> str:
+    def _watch(self, job: Job, run: Any, log_path: Path) -> str:
         beat = max(0.05, self.lease_s / 3)
         signalled: str | None = None
         while True:
             try:
-                rc = proc.wait(timeout=beat)
+                rc = run.wait(timeout=beat)
                 break
             except subprocess.TimeoutExpired:
                 pass
-            ours, cancel = self.store.heartbeat(
-                job.id, job.fence, self.lease_s, kinds.progress(job.kind, _tail(log_path))
-            )
+            progress = kinds.progress(job.kind, _tail(log_path))
+            if hasattr(run, "progress"):
+                progress = {**(progress or {}), **run.progress()}
+            ours, cancel = self.store.heartbeat(job.id, job.fence, self.lease_s, progress)
             if not ours:  # presumed dead and taken over: our copy must not run on
-                _signal(proc, signal.SIGKILL)
-                proc.wait()
+                run.send(signal.SIGKILL)
+                run.wait(timeout=600)
                 return "lost its lease to another worker; killed this copy"
             if cancel and signalled is None:
                 signalled = "cancel"
-                _signal(proc, signal.SIGINT)
+                run.send(signal.SIGINT)
             elif self.stopping and signalled is None:
                 signalled = "stop"
-                _signal(proc, signal.SIGTERM)
+                run.send(signal.SIGTERM)
         if signalled == "cancel":
             self.store.finish(job.id, job.fence, "CANCELLED", result=kinds.result(job.kind,
                               job_dir(job.id)), error="cancelled by the user")  # fmt: skip
@@ -209,9 +225,18 @@ class Worker:
         return f"requeued after exit {rc} (attempt {job.attempts} of {job.max_attempts})"
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)  # the job's own process group: it and what it started
+class _Local:
+    """A job's own process (group) on this machine."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def send(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)  # the job's own process group: it and what it started
 
 
 def _tail(path: Path, n: int = 4096) -> str:
