@@ -48,6 +48,10 @@ def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("loft_home")
     os.environ["LOFT_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # the team deployment's run of a suite (tests/test_team.py): tracking and the registry on the
+    # PostgreSQL server that test started
+    if os.environ.get("LOFT_TEST_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = os.environ["LOFT_TEST_TRACKING_URI"]
     return home
 
 

@@ -90,3 +90,54 @@ def test_registry_files_in_s3_are_verified_on_every_machine(
     with pytest.raises(IntegrityError, match=r"adapter_model.safetensors does not match its card"):
         registry.get_version("shared:1")
     assert not (third / "registry" / "shared" / "1").exists()  # nothing half-downloaded
+
+
+SUITES = (  # test_serve_keys.py touches neither tracking nor the registry
+    "tests/test_registry.py",
+    "tests/test_promotion.py",
+    "tests/test_serve_api.py",
+    "tests/test_serve_engine.py",
+)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", SUITES, ids=lambda p: p.split("/")[-1].removesuffix(".py"))
+def test_the_registry_promotion_and_serving_suites_pass_on_postgresql_and_s3(
+    suite, pg_server, s3_server, request
+):
+    """Each suite in its own pytest process, as a team runs loft: tracking and the registry's
+    names, versions and aliases in a fresh PostgreSQL database, its files in a fresh bucket."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psycopg
+
+    from s3_server import CREDENTIALS
+
+    name = re.sub(r"[^a-z0-9]", "-", suite.split("/")[-1].lower()).strip("-")
+    url = pg_server.new_database(name.replace("-", "_"))
+    bucket = s3_server.new_bucket(f"team-{name}")
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        **CREDENTIALS,
+        "LOFT_TEST_TRACKING_URI": "postgresql+psycopg://" + url.split("://", 1)[1],
+        "LOFT_REGISTRY_URL": f"s3://{bucket}/registry",
+        "LOFT_S3_ENDPOINT_URL": s3_server.endpoint,
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("LOFT_HOME", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite],
+        env=env, cwd=root, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert re.search(r"\d+ passed", r.stdout) and " failed" not in r.stdout
+    with psycopg.connect(url) as conn:  # it ran on the server and the bucket, not SQLite
+        versions = conn.execute("SELECT count(*) FROM model_versions").fetchone()[0]
+    objects = s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0)
+    assert versions > 0 and objects > 0
