@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -71,7 +72,7 @@ class PgServer:
         pid_file = self.data / "postmaster.pid"
         if pid_file.is_file():
             pid = int(pid_file.read_text().split()[0])
-            os.kill(pid, 15)  # smart shutdown of the server this object started
+            os.kill(pid, signal.SIGINT)  # fast shutdown (clients disconnected) of our server
             deadline = time.time() + 30
             while time.time() < deadline and pid_file.exists():
                 time.sleep(0.1)
