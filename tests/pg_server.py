@@ -8,11 +8,12 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from helpers import free_port, wait_for_port
 
 
 def _bin(name: str) -> str:
@@ -25,17 +26,11 @@ def _bin(name: str) -> str:
     return found[-1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgServer:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="loft-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres" if os.geteuid() == 0 else None
         if self.user:
             shutil.chown(self.root, self.user)
@@ -45,13 +40,7 @@ class PgServer:
                 "-c max_connections=200")  # fmt: skip
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
                   str(self.root / "log"), "-w", "start")  # fmt: skip
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_for_port(self.port)
 
     def _run(self, *cmd: str) -> None:
         full = ["runuser", "-u", self.user, "--", *cmd] if self.user else list(cmd)

@@ -6,37 +6,32 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 class RayHead:
     def __init__(self) -> None:
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
-        self.dashboard = _free_port()
+        self.dashboard = free_port()
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.proc = subprocess.Popen(
-            [ray, "start", "--head", "--block", "--port", str(_free_port()),
+            [ray, "start", "--head", "--block", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard),
              "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
              "--object-store-memory", "80000000", "--include-dashboard", "true",
              "--disable-usage-stats", "--temp-dir", self.temp,
              # every fixed default port free too, so another Ray on this machine cannot collide
-             "--dashboard-agent-listen-port", str(_free_port()),
-             "--dashboard-agent-grpc-port", str(_free_port()),
-             "--runtime-env-agent-port", str(_free_port()),
-             "--ray-client-server-port", str(_free_port()),
-             "--metrics-export-port", str(_free_port())],
+             "--dashboard-agent-listen-port", str(free_port()),
+             "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port()),
+             "--ray-client-server-port", str(free_port()),
+             "--metrics-export-port", str(free_port())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         self.address = f"http://127.0.0.1:{self.dashboard}"

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
+
+from helpers import free_port, wait_for_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "loft-test",
@@ -20,24 +20,16 @@ CREDENTIALS = {
 
 class S3Server:
     def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
         self.proc = subprocess.Popen(
             [exe, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("moto_server did not start")
+        if not wait_for_port(self.port):
+            self.stop()
+            raise RuntimeError("moto_server did not start")
 
     def client(self):
         import boto3
