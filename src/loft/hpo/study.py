@@ -48,11 +48,17 @@ PRUNERS = ("successive_halving", "hyperband", "median", "none")
 Say = Callable[[str], None]
 
 
-def _sampler(name: str, seed: int, space: Space) -> Any:
+def startup_trials(target: int) -> int:
+    """TPE's random start, sized to the study: Optuna's default of 10 would leave a 12-trial study
+    two model-guided trials (bench/hpo_efficiency.py); a third of the study, 4 to 10."""
+    return max(4, min(10, target // 3))
+
+
+def _sampler(name: str, seed: int, space: Space, target: int = 30) -> Any:
     import optuna
 
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)  # constant_liar: parallel workers spread
+    if name == "tpe":  # constant_liar (Optuna's default): parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(target))
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=4)
     if name == "random":
@@ -287,7 +293,7 @@ def work(
     study = optuna.load_study(
         study_name=name,
         storage=storage(name),
-        sampler=_sampler(spec["sampler"], spec["seed"] + index, space),
+        sampler=_sampler(spec["sampler"], spec["seed"] + index, space, spec["target"]),
         pruner=_pruner(spec["pruner"], first.eval_every, first.max_steps),
     )
     objective = space.objective
