@@ -420,8 +420,11 @@ def test_jobs_run_through_a_ray_head_with_logs_status_and_cancel(
     data = tmp_path / "d.jsonl"
     data.write_text((json.dumps({"messages": turns}) + "\n") * 3)
     quick = store.submit("data-validate", {"args": [str(data)]}, owner="ann")
-    w = run_loft("worker", "--executor", "ray", "--ray-address", ray_head.address,
-                 "--until-idle", "--lease", "3")  # fmt: skip
+    # the deployment's settings file chooses Ray, as a team configures it once per machine
+    (loft_home / "settings.yaml").write_text(
+        yaml.safe_dump({"executor": {"kind": "ray"}, "ray": {"address": ray_head.address}})
+    )
+    w = run_loft("worker", "--until-idle", "--lease", "3")
     assert w.returncode == 0, w.stderr
     done = store.get(quick.id)
     assert (done.status, done.attempts) == ("SUCCEEDED", 1), done.to_dict()
@@ -435,7 +438,7 @@ def test_jobs_run_through_a_ray_head_with_logs_status_and_cancel(
         "train", {"config": str(_train_config(tmp_path, tiny_model, steps=4000)), "set": []},
         owner="ann",
     )  # fmt: skip
-    worker = _workers(1, "--executor", "ray", "--ray-address", ray_head.address, "--lease", "3")
+    worker = _workers(1, "--lease", "3")
     try:
         _wait(lambda: store.get(long.id).progress.get("ray_status") == "RUNNING", 300)
         _wait(lambda: list((job_dir(long.id) / "run" / "checkpoints").glob("step-*")), 300)

@@ -250,8 +250,11 @@ def register(root: typer.Typer) -> None:
         gpus: str | None = typer.Option(
             None, "--gpus", help="GPU indices its jobs get, e.g. 0,1 (CUDA_VISIBLE_DEVICES)."
         ),
-        executor: str = typer.Option(
-            "local", "--executor", help="local (processes here) or ray (Ray's Jobs API)."
+        executor: str | None = typer.Option(
+            None,
+            "--executor",
+            help="local (processes here) or ray (Ray's Jobs API); default LOFT_EXECUTOR or "
+            "executor.kind in settings.yaml, else local.",
         ),
         ray_address: str | None = typer.Option(
             None, "--ray-address", help="The Ray dashboard, http://HEAD:8265 (or LOFT_RAY_ADDRESS)."

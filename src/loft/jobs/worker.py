@@ -89,11 +89,15 @@ class Worker:
         max_jobs: int | None = None,
         until_idle: bool = False,
         gpus: list[str] | None = None,
-        executor: str = "local",
+        executor: str | None = None,
         ray_address: str | None = None,
         say: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.store = store or JobStore()
+        if executor is None:  # the deployment's choice: LOFT_EXECUTOR or executor.kind
+            from loft.core.settings import setting
+
+            executor = str(setting("LOFT_EXECUTOR", "executor.kind") or "local")
         if executor not in ("local", "ray"):
             raise ConfigError(f"--executor {executor!r}: local or ray")
         self.ray = ray_executor.client(ray_address) if executor == "ray" else None
