@@ -450,18 +450,13 @@ def _parent_run(study: Any, spec: dict, recipe: Path, space: Space, tracker_fact
 
 
 def _log_parent(parent: Any, results: list[Any]) -> None:
+    from loft.hpo.report import best_trial
+
     states = [r.state for r in results]
     metrics = {f"trials/{s.lower()}": float(states.count(s)) for s in set(states)}
-    done = [r for r in results if r.state == "COMPLETE" and r.value is not None]
-    if done:
-        metrics["best/value"] = (
-            min(r.value for r in done) if _minimise(results) else max(r.value for r in done)
-        )
+    if (best := best_trial(results)) is not None:
+        metrics["best/value"] = best.value
     parent.log_metrics(metrics, step=len(results))
-
-
-def _minimise(results: list[Any]) -> bool:
-    return not results or results[0].direction == "minimize"
 
 
 def _tokens(run_dir: str) -> int:

@@ -196,9 +196,8 @@ class Worker:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            progress = kinds.progress(job.kind, _tail(log_path))
-            if hasattr(run, "progress"):
-                progress = {**(progress or {}), **run.progress()}
+            progress = {**(kinds.progress(job.kind, _tail(log_path)) or {}), **run.progress()}
+            progress = progress or None  # nothing new: the row keeps what it had
             ours, cancel = self.store.heartbeat(job.id, job.fence, self.lease_s, progress)
             if not ours:  # presumed dead and taken over: our copy must not run on
                 run.send(signal.SIGKILL)
@@ -241,6 +240,9 @@ class _Local:
     def send(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)  # the job's own process group: it and what it started
+
+    def progress(self) -> dict[str, Any]:
+        return {}  # what the job prints is all there is (RayRun adds the cluster's status)
 
 
 def _tail(path: Path, n: int = 4096) -> str:
