@@ -1,6 +1,6 @@
 """The team deployment on a real PostgreSQL server (issue 16): tracking and the registry's
 names, versions and aliases in PostgreSQL through MLflow's SQLAlchemy store, artifacts under
-LOFT_HOME (never ./mlruns wherever a process starts)."""
+LOFT_HOME (never ./mlruns wherever a process starts), or in the S3-compatible server."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def test_registry_files_in_s3_are_verified_on_every_machine(
     # two machines: their own LOFT_HOME, one tracking store and one bucket between them
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared-mlflow.db'}")
     monkeypatch.setenv("LOFT_REGISTRY_URL", f"s3://{s3_bucket}/registry")
+    monkeypatch.setenv("LOFT_ARTIFACTS_URL", f"s3://{s3_bucket}/mlflow")  # and the run artifacts
     cfg = tiny_config(tmp_path, tiny_model, max_steps=2)
     cfg["run_name"] = "shared"
     path = tmp_path / "cfg.yaml"
@@ -64,11 +65,25 @@ def test_registry_files_in_s3_are_verified_on_every_machine(
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"])
     assert "registry/shared/1/card.json" in keys
     assert "registry/shared/1/adapter_model.safetensors" in keys
+    run = registry.get_version("shared:1").card["lineage"]["run"]["mlflow_run_id"]
+    arts = [k for k in keys if k.startswith("mlflow/")]
+    logged = {"resolved.yaml", "run_summary.json", "lineage.json"}
+    assert {k.rsplit("/", 1)[1] for k in arts} >= logged
+    assert all(f"/{run}/artifacts/" in k for k in arts), arts
+    from loft.tracking import mlflow_client
+
+    # MLflow's own client lists them from the bucket, given the endpoint as MLflow spells it
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server.endpoint)
+    client = mlflow_client()
+    assert client.get_run(run).info.artifact_uri.startswith(f"s3://{s3_bucket}/mlflow/")
+    listed = {a.path for a in client.list_artifacts(run)}
+    assert logged <= listed
     here = registry.get_version("shared:1")
 
     (tmp_path / "second").mkdir()
     second = linked_home(tmp_path / "second", _session_home)
     monkeypatch.setenv("LOFT_HOME", str(second))
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL")
     there = registry.get_version("shared:1")  # downloaded, every file checked against the card
     assert there.path == second / "registry" / "shared" / "1" and there.path.is_dir()
     for rec in here.card["files"]:

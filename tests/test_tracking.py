@@ -26,7 +26,7 @@ from loft.tracking import (
     MlflowTracker,
     NullTracker,
     Tracker,
-    artifact_root,
+    artifact_location,
     default_tracking_uri,
     list_runs,
     mlflow_client,
@@ -127,10 +127,18 @@ def test_null_tracker_accepts_everything(tmp_path: Path) -> None:
 def test_tracking_uri_precedence(loft_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     default = default_tracking_uri()
     assert default == f"sqlite:///{(loft_home / 'mlflow.db').as_posix()}"
-    assert artifact_root(default) == loft_home.resolve() / "artifacts"
-    assert artifact_root("http://tracking:5000") is None
+    local = (loft_home.resolve() / "artifacts").as_uri()
+    assert artifact_location(default) == local
+    assert artifact_location("http://tracking:5000") is None
     # a database store: under LOFT_HOME too, not ./mlruns wherever the process happens to start
-    assert artifact_root("postgresql+psycopg://db/loft") == loft_home.resolve() / "artifacts"
+    assert artifact_location("postgresql+psycopg://db/loft") == local
+    # the deployment's setting wins for every store: object storage, or a shared directory
+    monkeypatch.setenv("LOFT_ARTIFACTS_URL", "s3://runs/mlflow/")
+    assert artifact_location(default) == artifact_location("http://t:5000") == "s3://runs/mlflow"
+    (loft_home / "settings.yaml").write_text("artifacts: {url: ~/shared-artifacts}\n")
+    monkeypatch.delenv("LOFT_ARTIFACTS_URL")
+    assert artifact_location(default) == (Path.home() / "shared-artifacts").resolve().as_uri()
+    (loft_home / "settings.yaml").unlink()
     assert resolve_tracking_uri(None) == default
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert resolve_tracking_uri(None) == "http://env:5000"

@@ -4,6 +4,7 @@ else the embedded default. One file switches a team's machines to shared service
     jobs:     {url: postgresql://loft@db.internal:5432/loft}     # or LOFT_JOBS_URL
     studies:  {url: postgresql://loft@db.internal:5432/loft}     # or LOFT_STUDIES_URL
     registry: {url: s3://loft-models/registry}                   # or LOFT_REGISTRY_URL
+    artifacts: {url: s3://loft-models/mlflow}                    # or LOFT_ARTIFACTS_URL
     s3:       {endpoint_url: http://minio.internal:9000}         # or LOFT_S3_ENDPOINT_URL
     executor: {kind: ray}                                        # or LOFT_EXECUTOR
     ray:      {address: http://ray-head.internal:8265}           # or LOFT_RAY_ADDRESS

@@ -6,7 +6,7 @@ Importing this package is cheap; mlflow is imported only when a store is first u
 from loft.tracking.base import NullTracker, Tracker
 from loft.tracking.mlflow_tracker import (
     MlflowTracker,
-    artifact_root,
+    artifact_location,
     default_tracking_uri,
     get_or_create_experiment,
     mlflow_client,
@@ -20,7 +20,7 @@ __all__ = [
     "MlflowTracker",
     "NullTracker",
     "Tracker",
-    "artifact_root",
+    "artifact_location",
     "default_tracking_uri",
     "delete_run",
     "get_or_create_experiment",

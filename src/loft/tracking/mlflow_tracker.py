@@ -2,7 +2,8 @@
 
 The default store is SQLite at ``LOFT_HOME/mlflow.db``, artifacts under ``LOFT_HOME/artifacts``;
 ``tracking.uri`` in the config or ``MLFLOW_TRACKING_URI`` point it elsewhere (PostgreSQL, a
-tracking server) with no code change. mlflow is imported inside functions, so importing
+tracking server) and ``LOFT_ARTIFACTS_URL`` the artifacts (S3-compatible storage) with no code
+change. mlflow is imported inside functions, so importing
 ``loft.tracking`` is cheap.
 
 Choices worth knowing:
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from loft.core.errors import NotFoundError
 from loft.core.paths import file_lock, loft_home
+from loft.core.settings import setting
 from loft.core.specs import TrackingSpec
 from loft.tracking.base import NullTracker, Tracker, check_status, status_for_exception
 
@@ -88,19 +90,52 @@ def sqlite_path(uri: str) -> Path | None:
 DATABASE_SCHEMES = ("postgresql", "postgres", "mysql", "mssql")
 
 
-def artifact_root(uri: str) -> Path | None:
-    """Where artifacts live: ``artifacts/`` beside a SQLite store's file; ``LOFT_HOME/artifacts``
-    for a database store (PostgreSQL: MLflow would otherwise write to ``./mlruns`` in whatever
-    directory the process started in).
+def artifact_location(uri: str) -> str | None:
+    """Where new experiments keep their runs' artifacts, as a URI.
 
-    None for a tracking server, whose own configuration decides.
+    ``LOFT_ARTIFACTS_URL`` (``artifacts.url`` in settings.yaml) when set: ``s3://BUCKET/PREFIX``
+    (MLflow's S3 artifact store, through ``LOFT_S3_ENDPOINT_URL`` for MinIO and other
+    S3-compatible servers) or a directory. Else ``artifacts/`` beside a SQLite store's file, and
+    ``LOFT_HOME/artifacts`` for a database store (PostgreSQL: MLflow would otherwise write to
+    ``./mlruns`` in whatever directory the process started in). None for a tracking server, whose
+    own configuration decides.
     """
+    configured = setting("LOFT_ARTIFACTS_URL", "artifacts.url")
+    if configured:
+        configured = str(configured).rstrip("/")
+        if "://" in configured:
+            return configured
+        return Path(configured).expanduser().resolve().as_uri()
     db = sqlite_path(uri)
     if db:
-        return db.expanduser().resolve().parent / "artifacts"
+        return (db.expanduser().resolve().parent / "artifacts").as_uri()
     if uri.split(":", 1)[0].split("+", 1)[0].lower() in DATABASE_SCHEMES:
-        return loft_home().resolve() / "artifacts"
+        return (loft_home().resolve() / "artifacts").as_uri()
     return None
+
+
+def artifact_env() -> dict[str, str]:
+    """The environment MLflow's S3 artifact store needs beyond boto3's own: loft's S3 endpoint
+    (``LOFT_S3_ENDPOINT_URL`` / ``s3.endpoint_url``) as ``MLFLOW_S3_ENDPOINT_URL``, unless that is
+    set already."""
+    endpoint = setting("LOFT_S3_ENDPOINT_URL", "s3.endpoint_url")
+    if endpoint and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
+        return {"MLFLOW_S3_ENDPOINT_URL": str(endpoint)}
+    return {}
+
+
+@contextlib.contextmanager
+def _artifact_environment() -> Iterator[None]:
+    """:func:`artifact_env` in ``os.environ`` for the duration of an upload (MLflow reads it
+    there), restored afterwards."""
+    extra = artifact_env()
+    for k, v in extra.items():
+        os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k in extra:
+            os.environ.pop(k, None)
 
 
 def mlflow_client(uri: str | None = None) -> MlflowClient:
@@ -166,8 +201,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        root = artifact_root(uri)
-        location = (root / _safe_dirname(name)).as_uri() if root else None
+        root = artifact_location(uri)
+        location = f"{root}/{_safe_dirname(name)}" if root else None
         try:
             return str(client.create_experiment(name, artifact_location=location))
         except MlflowException as e:  # another process created it between our two calls
@@ -329,12 +364,16 @@ class MlflowTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's tree (under ``artifact_path``, default: its own name)."""
         path = Path(path)
-        if path.is_dir():
-            self._client.log_artifacts(self._run_id, str(path), artifact_path or path.name)
-        elif path.is_file():
-            self._client.log_artifact(self._run_id, str(path), artifact_path)
-        else:
+        if not path.exists():
             raise NotFoundError(f"cannot log artifact {path}: no such file or directory")
+        try:
+            with _artifact_environment():
+                if path.is_dir():
+                    self._client.log_artifacts(self._run_id, str(path), artifact_path or path.name)
+                else:
+                    self._client.log_artifact(self._run_id, str(path), artifact_path)
+        except Exception as e:  # tracking trouble never stops training; the files stay on disk
+            _log.warning("could not upload %s to the run's artifacts: %s", path, e)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -16,12 +16,18 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 from loft.core.errors import NotFoundError
 from loft.core.paths import runs_dir
-from loft.tracking.mlflow_tracker import artifact_root, mlflow_client, resolve_tracking_uri
+from loft.tracking.mlflow_tracker import (
+    artifact_env,
+    artifact_location,
+    mlflow_client,
+    resolve_tracking_uri,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -187,11 +193,12 @@ def ui_command(
     mlflow_client(uri)
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     argv += ["--host", host, "--port", str(port), "--workers", "1"]
-    root = artifact_root(uri)
+    root = artifact_location(uri)
     if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        argv += ["--default-artifact-root", root.as_uri(), "--no-serve-artifacts"]
-    env = dict(os.environ)
+        if root.startswith("file://"):
+            Path(urlsplit(root).path).mkdir(parents=True, exist_ok=True)
+        argv += ["--default-artifact-root", root, "--no-serve-artifacts"]
+    env = dict(os.environ) | artifact_env()
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return argv, env
 
