@@ -7,7 +7,6 @@ runs `loft train`'s own pre-flight: its placement (torch decides cuda/bf16) and 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +47,6 @@ def _loft_model_path(ref: str) -> str:
     from loft.models import resolve_model
 
     return str(resolve_model(ref, verify=False).path)
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 # flags that are config keys: on this machine they become --set overrides, so the trainer's
@@ -479,7 +471,9 @@ def register(root: typer.Typer) -> None:
                 )
             arch = resolve_arch(ref, resolve_path=_loft_model_path)
             if target is None and settings.device == "cpu":
-                plan = recommend(arch, settings, capacity_bytes=_ram_bytes() or None)
+                from loft.core.procs import ram_bytes
+
+                plan = recommend(arch, settings, capacity_bytes=ram_bytes() or None)
             else:
                 plan = recommend(arch, settings, gpu=target)
             assumptions = _arith_assumptions(cfg, gpu, device, flags, settings)

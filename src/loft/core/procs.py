@@ -1,4 +1,5 @@
-"""Which process owns a piece of shared work, and whether that process still lives.
+"""Which process owns a piece of shared work, and whether that process still lives; this
+machine's memory.
 
 An owner is (host, pid, the pid's start time): a pid alone is reused by the OS, so a record that
 says "pid 4242 is running trial 3" would look alive forever once another process gets pid 4242.
@@ -60,4 +61,12 @@ def owner_alive(rec: dict[str, Any] | None) -> bool | None:
     return rec.get("start") is None or started is None or started == rec["start"]
 
 
-__all__ = ["owner", "owner_alive", "start_ticks"]
+def ram_bytes() -> int:
+    """This machine's physical memory in bytes; 0 where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+__all__ = ["owner", "owner_alive", "ram_bytes", "start_ticks"]

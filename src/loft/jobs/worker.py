@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError
-from loft.core.procs import start_ticks
+from loft.core.procs import ram_bytes, start_ticks
 from loft.jobs import kinds, ray_executor
 from loft.jobs.store import Job, JobStore, job_dir
 
@@ -47,14 +47,6 @@ PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def memory_capacity() -> int:
-    """This machine's RAM in bytes (what a CPU job's estimate is compared with)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def gpu_capacity(gpus: list[str]) -> int:
@@ -104,7 +96,7 @@ class Worker:
         if capacity is None:  # on Ray, the cluster places the job: this worker only submits it
             capacity = (
                 1 << 60 if self.ray is not None
-                else gpu_capacity(list(gpus)) if gpus else memory_capacity()
+                else gpu_capacity(list(gpus)) if gpus else ram_bytes()
             )  # fmt: skip
         self.capacity = capacity
         self.lease_s, self.poll_s = lease_s, poll_s
@@ -262,4 +254,4 @@ def _last_error(path: Path) -> str:
     return lines[-1][:500] if lines else ""
 
 
-__all__ = ["Worker", "gpu_capacity", "memory_capacity"]
+__all__ = ["Worker", "gpu_capacity"]
