@@ -236,3 +236,28 @@ def wait_for_port(port: int, timeout: float = 60) -> bool:
         except OSError:
             time.sleep(0.1)
     return False
+
+
+@contextlib.contextmanager
+def serving(app, timeout: float = 30):
+    """Run an ASGI ``app`` (``loft.serve.app.create_app``) with uvicorn on a free port of
+    127.0.0.1 in a daemon thread of this process; yields its base URL, stops it on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

@@ -15,8 +15,8 @@ from helpers import make_lora_adapter
 
 @pytest.fixture
 def registry_home(loft_home: Path, tiny_model: Path, tmp_path: Path) -> Path:
-    """Two models: alpha with versions 1-3 (2 deleted through MLflow, aliases on 1 and 3) and an
-    empty registered model."""
+    """Two models: alpha with versions 1-3 (2 deleted through MLflow, aliases on 1 and 3, a
+    traffic split to 1) and an empty registered model."""
     from loft import registry
     from loft.registry.store import client
 
@@ -25,6 +25,7 @@ def registry_home(loft_home: Path, tiny_model: Path, tmp_path: Path) -> Path:
         registry.register(folder, name="alpha")
     registry.move_alias("alpha", "champion", 3, reason="test")
     registry.move_alias("alpha", "old", 1, reason="test")
+    registry.set_split("alpha", 1, 0.2, reason="test")
     c = client()
     c.delete_model_version("alpha", "2")
     c.create_registered_model("empty")
@@ -44,9 +45,13 @@ def test_sqlite_reader_agrees_with_mlflow(registry_home: Path):
     for name in ("alpha", "empty", "nope"):
         assert fast.aliases(name) == stock.aliases(name), name
         assert fast.versions(name) == stock.versions(name), name
+        assert fast.aliases_and_tags(name) == stock.aliases_and_tags(name), name
     assert fast.versions("alpha") == [1, 3]  # the deleted version is gone for both
     assert fast.aliases("alpha") == {"champion": 3, "old": 1}
     assert fast.aliases("nope") is None
+    aliases, tags = fast.aliases_and_tags("alpha")
+    assert aliases == {"champion": 3, "old": 1} and json.loads(tags["loft.split"])["share"] == 0.2
+    assert fast.aliases_and_tags("empty") == ({}, {})
 
 
 @pytest.mark.unit

@@ -11,7 +11,6 @@ import json
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from helpers import (
     linked_home,
     make_lora_adapter,
     run_loft,
+    serving,
     start_loft,
     vllm_engine_without_vllm,
 )
@@ -33,8 +33,9 @@ pytestmark = pytest.mark.integration
 
 SECRET = "the-secret-prompt-text"
 AUDIT_FIELDS = (
-    "time", "request_id", "key", "endpoint", "model", "resolved", "sha256", "prompt_tokens",
-    "completion_tokens", "latency_ms", "status", "error", "stream",
+    "time", "request_id", "key", "endpoint", "model", "resolved", "route", "sha256",
+    "prompt_tokens", "completion_tokens", "latency_ms", "status", "error", "stream", "about",
+    "score",
 )  # fmt: skip
 
 
@@ -59,8 +60,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, _session_home: Path):
-    import uvicorn
-
     from loft import registry
     from loft.core.specs import ServeConfig
     from loft.serve.app import create_app
@@ -106,19 +105,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, _session_
         engine.start()
         audit = home / "serve" / "audit.jsonl"
         app = create_app(cfg, engine, store, audit=AuditLog(audit, False), metrics=Metrics())
-        port = _free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        yield Served(f"http://127.0.0.1:{port}", keys, home, audit, app, engine.base.name)
-        server.should_exit = True
-        thread.join(timeout=30)
+        with serving(app) as url:
+            yield Served(url, keys, home, audit, app, engine.base.name)
         engine.shutdown()
     finally:
         mp.undo()
@@ -536,8 +524,6 @@ def test_vllm_engine_refuses_an_adapter_it_cannot_serve_with_a_400(
     """A DoRA adapter asked of the vLLM engine is a 400 that names the problem and the engine that
     serves it, before vLLM would see it (vLLM is not installed here: the engine is set up as its
     start sets it up, up to loading vLLM)."""
-    import uvicorn
-
     from loft import registry
     from loft.core.specs import ServeConfig
     from loft.serve.app import create_app
@@ -550,26 +536,17 @@ def test_vllm_engine_refuses_an_adapter_it_cannot_serve_with_a_400(
     engine = vllm_engine_without_vllm(cfg)
     audit = AuditLog(loft_home / "audit.jsonl", False)
     app = create_app(cfg, engine, None, audit=audit, metrics=Metrics())
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as refused:
-            client.completions.create(model="dora", prompt="hello", max_tokens=2)
+        with serving(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.completions.create(model="dora", prompt="hello", max_tokens=2)
         assert refused.value.status_code == 400
         message = refused.value.body["message"]
         assert "dora:1 cannot be served by the vLLM engine: use_dora: true" in message
         assert "engine: torch" in message
         assert engine.resident() == []
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         audit.close()
 
 

@@ -466,7 +466,7 @@ def test_resolver_looks_up_once_and_serves_cached_answer_while_refreshing():
     def lookup(name, alias):
         calls.append(name)
         gate.wait(5)
-        return name, len(calls)
+        return name, len(calls), None  # (name, version, traffic split)
 
     r._lookup = lookup
     out = []

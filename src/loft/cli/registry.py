@@ -182,7 +182,7 @@ def history_cmd(
     name: str = typer.Argument(..., help="Registered model name."),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Every alias move of a model: who, when, from, to, why, gate results."""
+    """Every alias move and traffic split of a model: who, when, from, to, why, gate results."""
     from loft.registry import history
 
     rows = history(name)
@@ -198,15 +198,40 @@ def history_cmd(
                 f"{r['when']}  deleted version {r['deleted']}  by {r['who']}  {r.get('why') or ''}"
             )
             continue
+        if r.get("event") in ("split", "split-cleared"):
+            console.print(
+                f"{r['when']}  {_split_line(name, r)}  by {r['who']}  {r.get('why') or ''}"
+            )
+            _print_gate(r)
+            continue
         flags = " [yellow]forced[/]" if r.get("forced") else ""
         flags += " (rollback)" if r.get("rollback") else ""
         console.print(
             f"{r['when']}  {r['alias']}: {_fmt(r['from'])} → {r['to']}  by {r['who']}"
             f"{flags}  {r.get('why') or ''}"
         )
-        for check in r.get("gate") or []:
-            mark = "pass" if check.get("passed") else "FAIL"
-            console.print(f"    gate {mark}: {check.get('expr')}  ({check.get('reason')})")
+        _print_gate(r)
+
+
+def _split_line(name: str, r: dict[str, Any]) -> str:
+    """A traffic split's history entry: the candidate's share, or the split's end."""
+    share = r.get("share")
+    pct = "?" if share is None else f"{share:.0%}"
+    if r.get("event") == "split-cleared":
+        return f"split ended: {name}:{_fmt(r.get('to'))} had {pct}; the champion takes all"
+    prev = r.get("previous") or {}
+    was = ""
+    if prev.get("candidate") == r.get("to") and prev.get("share") is not None:
+        was = f" (was {prev['share']:.0%})"
+    elif prev:
+        was = f" (replaces {name}:{prev.get('candidate')})"
+    return f"split: {name}:{r.get('to')} takes {pct}{was}"
+
+
+def _print_gate(r: dict[str, Any]) -> None:
+    for check in r.get("gate") or []:
+        mark = "pass" if check.get("passed") else "FAIL"
+        console.print(f"    gate {mark}: {check.get('expr')}  ({check.get('reason')})")
 
 
 @app.command("delete")

@@ -40,6 +40,11 @@ Under --no-auth every endpoint is open, /metrics included. /health and /ready ar
 `loft serve status` asks a running server what is loaded and which version each adapter name
 and alias serves (GET /v1/loft/status: any valid key; a --metrics key sees every adapter, other
 keys their allow-list).
+
+A traffic split (set by `loft rollout`) sends a share of the requests for a bare adapter name to
+a candidate version, sticky per client: by the X-Loft-Route-Key header, else the request's
+`user`, else the API key; responses name the arm in X-Loft-Route. POST /v1/feedback rates a
+response by its id: {"id": "chatcmpl-...", "thumbs": "up"} or {"id": ..., "score": 0.8}.
 """
 
 
@@ -154,7 +159,11 @@ def _print_status(url: str, doc: dict[str, Any]) -> None:
     for a in doc["adapters"]:
         mine = sorted(ref for ref in loaded if ref.rpartition(":")[0] == a["name"])
         aliases = ", ".join(f"{alias} → {ref}" for alias, ref in a["aliases"].items())
-        table.add_row(a["name"], a["serves"] or "-", aliases or "-", ", ".join(mine) or "-")
+        serves = a["serves"] or "-"
+        if split := a.get("split"):  # a traffic split: the candidate takes its share
+            share = split["share"]
+            serves = f"{serves} {1 - share:.0%}, {split['candidate']} {share:.0%} (split)"
+        table.add_row(a["name"], serves, aliases or "-", ", ".join(mine) or "-")
     console.print(table)
     console.print(
         f"Alias moves reach live traffic within {doc['alias_refresh_s']} s (alias_refresh_s)."

@@ -1,4 +1,5 @@
-"""Model registry: versions with lineage cards and sha256s, aliases, history and rollback.
+"""Model registry: versions with lineage cards and sha256s, aliases, traffic splits, history and
+rollback.
 
 Built on MLflow's Model Registry (same tracking URI as runs); files under LOFT_HOME/registry.
 Importing this package is cheap; mlflow is imported only when the store is first used.
@@ -6,6 +7,7 @@ Importing this package is cheap; mlflow is imported only when the store is first
 
 from loft.registry.aliases import history, move_alias, rollback
 from loft.registry.names import parse_ref
+from loft.registry.splits import clear_split, get_split, set_split
 from loft.registry.store import (
     ModelVersion,
     delete_version,
@@ -21,8 +23,10 @@ from loft.registry.store import (
 
 __all__ = [
     "ModelVersion",
+    "clear_split",
     "delete_version",
     "diff",
+    "get_split",
     "get_version",
     "history",
     "list_models",
@@ -32,6 +36,7 @@ __all__ = [
     "record_evaluation",
     "register",
     "rollback",
+    "set_split",
     "verify",
     "versions_built_on",
 ]

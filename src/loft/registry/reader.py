@@ -1,11 +1,12 @@
 """Reading the registry's names, versions and aliases without starting MLflow, where that is safe.
 
 Every ``loft registry`` read (list, show, history, resolving ``name@alias``) needs only names,
-version numbers and aliases. Through MLflow's client that costs ~2 s before the first query
-(importing mlflow and its SQLAlchemy store; bench/overheads.py measures it). On the default
-embedded store, a SQLite file, the same three facts are read here with the standard library's
-``sqlite3``, read-only, from MLflow's own tables (``registered_models``, ``model_versions``,
-``registered_model_aliases``), honouring what MLflow's queries honour: soft-deleted versions are
+version numbers and aliases; the server's routing also needs a model's tags (its traffic split).
+Through MLflow's client that costs ~2 s before the first query (importing mlflow and its
+SQLAlchemy store; bench/overheads.py measures it). On the default embedded store, a SQLite file,
+the same facts are read here with the standard library's ``sqlite3``, read-only, from MLflow's own
+tables (``registered_models``, ``model_versions``, ``registered_model_aliases``,
+``registered_model_tags``), honouring what MLflow's queries honour: soft-deleted versions are
 skipped and, when the schema has workspaces, only the default one is read. Any other store
 (PostgreSQL, an HTTP tracking server), a schema this code does not recognise, or a database
 file that does not exist yet goes through MLflow's client. Writes always go through MLflow.
@@ -22,7 +23,12 @@ from typing import Any, Protocol
 from urllib.parse import unquote
 
 DELETED_STAGE = "Deleted_Internal"  # MLflow's soft-delete marker for model versions
-_TABLES = {"registered_models", "model_versions", "registered_model_aliases"}
+_TABLES = {
+    "registered_models",
+    "model_versions",
+    "registered_model_aliases",
+    "registered_model_tags",
+}
 
 
 class RegistryReader(Protocol):
@@ -34,6 +40,11 @@ class RegistryReader(Protocol):
 
     def versions(self, name: str) -> list[int]:
         """Live (not deleted) version numbers, ascending."""
+        ...
+
+    def aliases_and_tags(self, name: str) -> tuple[dict[str, int], dict[str, str]] | None:
+        """({alias: version}, {tag: value}) of a registered model in one read (the server's
+        routing needs both on every refresh); None when no model has that name."""
         ...
 
 
@@ -62,17 +73,30 @@ class SqliteReader:
 
     def aliases(self, name: str) -> dict[str, int] | None:
         with self._db() as db:
-            found = db.execute(
-                f"SELECT 1 FROM registered_models WHERE name = ?{self._where()}", (name,)
-            ).fetchone()
-            if found is None:
+            return self._aliases(db, name)
+
+    def _aliases(self, db: sqlite3.Connection, name: str) -> dict[str, int] | None:
+        found = db.execute(
+            f"SELECT 1 FROM registered_models WHERE name = ?{self._where()}", (name,)
+        ).fetchone()
+        if found is None:
+            return None
+        rows = db.execute(
+            f"SELECT alias, version FROM registered_model_aliases WHERE name = ?{self._where()}",
+            (name,),
+        )
+        return {alias: int(version) for alias, version in rows}
+
+    def aliases_and_tags(self, name: str) -> tuple[dict[str, int], dict[str, str]] | None:
+        with self._db() as db:
+            aliases = self._aliases(db, name)
+            if aliases is None:
                 return None
             rows = db.execute(
-                f"SELECT alias, version FROM registered_model_aliases WHERE name = ?"
-                f"{self._where()}",
+                f"SELECT key, value FROM registered_model_tags WHERE name = ?{self._where()}",
                 (name,),
             )
-            return {alias: int(version) for alias, version in rows}
+            return aliases, {key: value for key, value in rows}
 
     def versions(self, name: str) -> list[int]:
         with self._db() as db:
@@ -100,16 +124,28 @@ class MlflowReader:
             if not token:
                 return sorted(out)
 
-    def aliases(self, name: str) -> dict[str, int] | None:
+    def _model(self, name: str) -> Any:
         from mlflow.exceptions import MlflowException
 
         try:
-            rm = self.c.get_registered_model(name)
+            return self.c.get_registered_model(name)
         except MlflowException as e:
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
                 return None
             raise
+
+    def aliases(self, name: str) -> dict[str, int] | None:
+        rm = self._model(name)
+        if rm is None:
+            return None
         return {alias: int(v) for alias, v in (rm.aliases or {}).items()}
+
+    def aliases_and_tags(self, name: str) -> tuple[dict[str, int], dict[str, str]] | None:
+        rm = self._model(name)  # one get_registered_model answers both
+        if rm is None:
+            return None
+        aliases = {alias: int(v) for alias, v in (rm.aliases or {}).items()}
+        return aliases, dict(rm.tags or {})
 
     def versions(self, name: str) -> list[int]:
         out: list[int] = []
@@ -163,6 +199,7 @@ def fast_reader(uri: str) -> SqliteReader | None:
         "registered_models": {"name"},
         "model_versions": {"name", "version", "current_stage"},
         "registered_model_aliases": {"alias", "version", "name"},
+        "registered_model_tags": {"key", "value", "name"},
     }
     if any(not cols <= columns[t] for t, cols in needed.items()):
         return None

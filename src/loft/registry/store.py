@@ -403,9 +403,10 @@ TOMBSTONE = "DELETED.json"
 
 
 def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> dict[str, Any]:
-    """Delete ``NAME:VERSION``: refused while an alias points at it. MLflow forgets the version
-    first (from then on nothing resolves it); its folder keeps only ``DELETED.json`` (who, when,
-    why, its digest), so the number is never reused and the history stays readable."""
+    """Delete ``NAME:VERSION``: refused while an alias points at it or a traffic split sends
+    requests to it. MLflow forgets the version first (from then on nothing resolves it); its
+    folder keeps only ``DELETED.json`` (who, when, why, its digest), so the number is never reused
+    and the history stays readable."""
     from datetime import UTC, datetime
 
     from loft.registry.aliases import _who, append_history
@@ -424,6 +425,15 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
             "it would break every request for that alias.",
             hint=f"Move the alias first (`loft registry rollback {name}`, or `loft registry "
             f"alias {name}:OTHER --to {holding[0]}`), then delete.",
+        )
+    from loft.registry.splits import get_split
+
+    split = get_split(name)
+    if split is not None and split["candidate"] == version:
+        raise ConfigError(
+            f"{name}:{version} is the candidate of {name}'s traffic split "
+            f"({split['share']:.0%} of the requests for {name}); deleting it would break them.",
+            hint=f"End the split first (`loft rollout abort {name}`), then delete.",
         )
     mv = get_version(f"{name}:{version}", verify=False)
     entry = {

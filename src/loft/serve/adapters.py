@@ -2,7 +2,9 @@
 
 ``Resolver`` turns a request's ``model`` into a registry version (``name`` follows the default
 alias, ``name@alias``, ``name:N``), re-reading aliases at most every ``alias_refresh_s`` s so a
-promotion or rollback re-routes new requests without a restart.
+promotion or rollback re-routes new requests without a restart. A bare name with a traffic split
+(``loft.registry.splits``) sends each client's requests to the champion or the candidate, sticky
+per route key.
 
 ``AdapterCache`` is an LRU over a fixed number of slots (vLLM's ``LRUCacheLoRAModelManager`` and
 LoRAX's loader are the models): loading is verified (every sha256 recomputed), idempotent and
@@ -20,13 +22,13 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loft.core.errors import ConfigError, NotFoundError, OverloadedError
+from loft.core.errors import ConfigError, OverloadedError
 from loft.core.specs import ServeConfig
-from loft.serve.types import Target
+from loft.serve.types import Arm, Target
 
 
 class Resolver:
@@ -35,29 +37,50 @@ class Resolver:
     One lookup per name at a time: while one thread re-reads an expired alias, the others keep
     using the cached answer (a registry query costs ~15 ms; a herd of them on every expiry slowed
     decoding by a third in bench/serve_throughput.py). A name never seen waits for its lookup.
+
+    A bare name's lookup also reads its traffic split (:mod:`loft.registry.splits`), in the same
+    registry read as its aliases, so a split, a share change or its end reaches new requests
+    within ``refresh_s`` too; ``route`` applies it to one request's route key.
     """
 
     def __init__(self, *, default_alias: str, refresh_s: float, clock: Callable[[], float]):
         self.default_alias = default_alias
         self.refresh_s = refresh_s
         self.clock = clock
-        self._cache: dict[str, tuple[float, str, int]] = {}
+        self._cache: dict[str, tuple[float, str, int, dict[str, Any] | None]] = {}
         self._busy: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def resolve(self, model: str) -> tuple[str, int]:
+        """(name, version) ``model`` names, without a split: a bare name's champion."""
+        name, version, _ = self._entry(model)
+        return name, version
+
+    def route(self, model: str, route_key: str | None) -> tuple[str, int, Arm | None]:
+        """(name, version, arm) for one request: a bare name with a split sends ``route_key`` to
+        the arm :func:`loft.registry.splits.arm` picks (sticky per key); arm is None when no
+        split applies (``name@alias``, ``name:N``, no split, or no ``route_key``)."""
+        from loft.registry.splits import arm
+
+        name, version, split = self._entry(model)
+        if split is None or route_key is None:
+            return name, version, None
+        side = arm(name, split, route_key)
+        return name, (split["candidate"] if side == "candidate" else version), side
+
+    def _entry(self, model: str) -> tuple[str, int, dict[str, Any] | None]:
         from loft.registry import parse_ref
 
         name, alias, version = parse_ref(model)
         if version is not None:
-            return name, version
+            return name, version, None
         while True:
             with self._lock:
                 hit = self._cache.get(model)
                 busy = self._busy.get(model)
                 fresh = hit is not None and self.clock() - hit[0] < self.refresh_s
                 if fresh or (hit is not None and busy is not None):
-                    return hit[1], hit[2]  # type: ignore[index]
+                    return hit[1], hit[2], hit[3]  # type: ignore[index]
                 if busy is None:
                     busy = self._busy[model] = threading.Event()
                     break
@@ -72,26 +95,18 @@ class Resolver:
                 self._busy.pop(model, None)
             busy.set()
 
-    def _lookup(self, name: str, alias: str | None) -> tuple[str, int]:
+    def _lookup(self, name: str, alias: str | None) -> tuple[str, int, dict[str, Any] | None]:
+        """(name, version, split) from the registry: ``name@alias`` never splits; a bare name
+        follows the default alias, else ``champion``, else its latest version, and carries its
+        split (one registry read for both; see :func:`loft.registry.splits.routing`)."""
+        from loft.registry.splits import routing
         from loft.registry.store import resolve
 
         if alias is not None:
             got = resolve(f"{name}@{alias}")
-            return got[0], got[1]
-        try:
-            got = resolve(f"{name}@{self.default_alias}")
-        except NotFoundError:
-            got = resolve(name)  # no such alias (or model): latest version, or NotFoundError
-        return got[0], got[1]
-
-
-def served_version(aliases: dict[str, int], latest: int | None, default_alias: str) -> int | None:
-    """The version a bare ``name`` routes to, by ``Resolver._lookup``'s rule: the default alias,
-    else ``champion``, else the latest version (None: the model has no versions)."""
-    for alias in (default_alias, "champion"):
-        if alias in aliases:
-            return aliases[alias]
-    return latest
+            return got[0], got[1], None
+        version, split = routing(name, self.default_alias)
+        return name, version, split
 
 
 @dataclass
@@ -186,12 +201,12 @@ class AdapterCache:
     # -- leases -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def acquire(self, model: str) -> AsyncIterator[Target]:
+    async def acquire(self, model: str, route_key: str | None = None) -> AsyncIterator[Target]:
         """``lease`` for async callers (loading runs in a thread); the base model needs none."""
         if self.is_base_name(model):
             yield self.base
             return
-        lease = self.lease(model)
+        lease = self.lease(model, route_key)
         target = await asyncio.to_thread(lease.__enter__)
         try:
             yield target
@@ -199,9 +214,11 @@ class AdapterCache:
             lease.__exit__(None, None, None)
 
     @contextmanager
-    def lease(self, model: str) -> Iterator[Target]:
-        """Resolve ``model``, make it resident, and keep it so until the block exits."""
-        name, version = self.resolver.resolve(model)
+    def lease(self, model: str, route_key: str | None = None) -> Iterator[Target]:
+        """Resolve ``model`` (a bare name's split applied to ``route_key``: see
+        ``Resolver.route``), make it resident, and keep it so until the block exits. The target
+        carries the arm it was routed to (``route``), None when no split applied."""
+        name, version, route = self.resolver.route(model, route_key)
         ref = f"{name}:{version}"
         while True:
             with self._lock:
@@ -222,7 +239,7 @@ class AdapterCache:
             if loading.error is not None:
                 raise loading.error
         try:
-            yield res.target
+            yield res.target if route is None else replace(res.target, route=route)
         finally:
             with self._lock:
                 res.leases -= 1

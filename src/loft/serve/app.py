@@ -7,6 +7,11 @@ limits on max_tokens, n and prompt length (400, as OpenAI answers), then ``engin
 (404/409) and generation. One exception handler turns any ``LoftError`` into an OpenAI-style
 error body with the status from ``http_status_for``.
 
+A bare adapter name with a traffic split (``loft.registry.splits``) goes to the champion or the
+candidate by the request's route key (sticky, see ``route_key``); the response says which in
+``X-Loft-Route``, beside ``X-Loft-Adapter``, and so does its audit line (``route``).
+``POST /v1/feedback`` rates a response this server gave the same key (see ``feedback.py``).
+
 Operator endpoints: ``/metrics`` (Prometheus) and ``/v1/loft/status`` (what is loaded, which
 version each adapter name and alias routes to). With keys on, ``/metrics`` needs a key with the
 ``metrics`` scope (no key: 401, another key: 403, naming no model); ``/v1/loft/status`` needs any
@@ -42,9 +47,10 @@ from loft.core.errors import (
 )
 from loft.core.specs import ServeConfig
 from loft.serve.audit import AuditLog
+from loft.serve.feedback import Rating, ResponseIndex, Served
 from loft.serve.keys import KeyRecord, KeyStore, RateLimiter
 from loft.serve.metrics import Metrics
-from loft.serve.operator import metrics_response, server_status
+from loft.serve.operator import metrics_response, server_status, visible_models
 from loft.serve.protocol import (
     InvalidRequestError,
     error_body,
@@ -59,6 +65,7 @@ log = logging.getLogger("loft.serve")
 
 CLIENT_CLOSED = 499  # audit/metrics status for a client that went away mid-request
 DISCONNECT_POLL_S = 0.25
+ROUTE_KEY_HEADER = "X-Loft-Route-Key"
 
 
 @dataclass
@@ -69,6 +76,7 @@ class ServerState:
     audit: AuditLog
     metrics: Metrics
     limiter: RateLimiter = field(default_factory=RateLimiter)
+    responses: ResponseIndex = field(default_factory=ResponseIndex)  # for /v1/feedback
     in_flight: int = 0
     ready: bool = True  # create_app is called after engine.start()
     draining: bool = False
@@ -108,15 +116,20 @@ class CancelGroup(threading.Event):
             event.set()
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
 @dataclass
 class _Ctx:
     """One generation request's bookkeeping; ``finish`` releases and records it exactly once."""
 
     st: ServerState
     endpoint: str
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:24]}")
+    request_id: str = field(default_factory=new_request_id)
     t0: float = field(default_factory=time.perf_counter)
     key: str = "-"
+    key_id: str = "-"
     model: str | None = None
     stream: bool = False
     target: Target | None = None
@@ -157,6 +170,10 @@ class _Ctx:
         if error is not None:
             err_type = error_type_for(status) if status != CLIENT_CLOSED else "client_closed"
         ref = self.target.ref if self.target else None
+        route = self.target.route if self.target else None
+        if status == 200 and ref is not None:
+            served = Served(self.key, ref, route, owner=self.key_id)
+            self.st.responses.remember(self.request_id, served)
         try:
             self.st.audit.write(
                 request_id=self.request_id,
@@ -164,6 +181,7 @@ class _Ctx:
                 endpoint=self.endpoint,
                 model=self.model,
                 resolved=ref,
+                route=route,
                 sha256=self.target.sha256 if self.target else None,
                 prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens,
@@ -211,6 +229,18 @@ def _authenticate(st: ServerState, request: Request) -> KeyRecord | None:
     if scheme.lower() != "bearer":
         token = ""
     return st.keys.authenticate(token.strip() or None)
+
+
+def route_key(request: Request, user: str | None, record: KeyRecord | None) -> str:
+    """Who a request comes from, for a sticky traffic split: the ``X-Loft-Route-Key`` header,
+    else the body's ``user`` (OpenAI's end-user id), else the API key's name, else (no auth,
+    nothing given) a fresh random value, so the split is a random draw per request."""
+    for given in (request.headers.get(ROUTE_KEY_HEADER), user):
+        if given and given.strip():
+            return given.strip()
+    if record is not None:
+        return record.name
+    return uuid.uuid4().hex
 
 
 def _enter_slot(st: ServerState, ctx: _Ctx) -> None:
@@ -311,11 +341,14 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 
 
 def _headers(ctx: _Ctx, target: Target) -> dict[str, str]:
-    return {
+    headers = {
         "X-Loft-Adapter": target.ref,
         "X-Loft-Adapter-Sha256": target.sha256,
         "X-Request-Id": ctx.request_id,
     }
+    if target.route is not None:
+        headers["X-Loft-Route"] = target.route
+    return headers
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -452,15 +485,16 @@ async def _generation(request: Request, kind: Literal["chat", "completion"]) -> 
     try:
         raw = await _read_body(request, st.config.max_body_bytes)
         record = _authenticate(st, request)
-        ctx.key = record.name if record else "-"
         if record is not None:
+            ctx.key, ctx.key_id = record.name, record.id
             st.limiter.check(record)
         _enter_slot(st, ctx)
         req = parse_body(raw, kind)
         ctx.model, ctx.stream = req.model, req.stream
         _check_access(st, record, req.model)
         params = sampling_params(st.config, req)
-        target = await ctx.stack.enter_async_context(st.engine.acquire(req.model))
+        routed = st.engine.acquire(req.model, route_key(request, req.user, record))
+        target = await ctx.stack.enter_async_context(routed)
         ctx.target = target
         text, prompt_ids = render_prompt(st.engine.tokenizer, target, req)
         ctx.prompt, ctx.prompt_tokens = text, len(prompt_ids)
@@ -529,11 +563,15 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await _generation(request, "completion")
 
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        return await _feedback(request)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:
         st = _state(request)
         record = _authenticate(st, request)
-        return JSONResponse({"object": "list", "data": await _visible_models(st, record)})
+        return JSONResponse({"object": "list", "data": await visible_models(st, record)})
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -571,20 +609,21 @@ def create_app(
     return app
 
 
-async def _visible_models(st: ServerState, record: KeyRecord | None) -> list[dict[str, Any]]:
-    from loft.registry import list_models
-
-    def entry(model_id: str, **extra: Any) -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "loft", **extra}
-
-    base = st.engine.base
-    out = []
-    if record is None or record.allows(base.name, is_base=True):
-        out.append(entry(base.name, loft={"kind": "base", "sha256": base.sha256}))
-    for m in await asyncio.to_thread(list_models):
-        if record is None or record.allows(m["name"], is_base=False):
-            out.append(entry(m["name"], loft={"kind": "adapter", "aliases": m["aliases"]}))
-    return out
+async def _feedback(request: Request) -> JSONResponse:
+    st = _state(request)
+    rating = Rating(st.audit, st.metrics, st.responses, new_request_id())
+    try:
+        raw = await _read_body(request, st.config.max_body_bytes)
+        record = _authenticate(st, request)
+        if record is not None:
+            rating.key, rating.owner = record.name, record.id
+            st.limiter.check(record)
+        body = rating.accept(raw)
+    except LoftError as e:
+        rating.refused(e)
+        e.request_id = rating.request_id  # type: ignore[attr-defined]
+        raise
+    return JSONResponse(body, headers={"X-Request-Id": rating.request_id})
 
 
 __all__ = [

@@ -1,8 +1,11 @@
 """One JSON line per served request: who, which model and version, how much, how long, outcome.
 
-Prompt and completion text are written only when ``log_prompts`` is on. Each line goes out in a
-single ``write`` on an ``O_APPEND`` descriptor, so lines from concurrent requests (and from other
-processes appending to the same file) never interleave.
+``route`` is the traffic split's arm a request took ("champion" / "candidate"; null when no split
+applied). A rating posted to ``/v1/feedback`` is a line too: ``about`` is the rated request's id,
+``score`` its score in [0, 1], ``resolved`` and ``route`` those of the rated response.
+Prompt, completion and feedback comment text are written only when ``log_prompts`` is on. Each
+line goes out in a single ``write`` on an ``O_APPEND`` descriptor, so lines from concurrent
+requests (and from other processes appending to the same file) never interleave.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ FIELDS = (
     "endpoint",
     "model",
     "resolved",
+    "route",
     "sha256",
     "prompt_tokens",
     "completion_tokens",
@@ -31,8 +35,10 @@ FIELDS = (
     "status",
     "error",
     "stream",
+    "about",
+    "score",
 )
-TEXT_FIELDS = ("prompt", "completion")
+TEXT_FIELDS = ("prompt", "completion", "comment")
 
 
 def default_audit_path(config: ServeConfig) -> Path:

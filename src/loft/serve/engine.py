@@ -148,9 +148,11 @@ class TorchEngine:
         with self._model_lock:
             self.multilora.unload(slot)
 
-    def acquire(self, model: str) -> AbstractAsyncContextManager[Target]:
+    def acquire(
+        self, model: str, route_key: str | None = None
+    ) -> AbstractAsyncContextManager[Target]:
         assert self.cache is not None, "engine not started"
-        return self.cache.acquire(model)
+        return self.cache.acquire(model, route_key)
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Summary,
     generate_latest,
 )
 
@@ -44,6 +45,10 @@ class Metrics:
         self.ttft = Histogram(
             "loft_time_to_first_token_seconds", "Time from request to the first output token.",
             ["model"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feedback = Summary(
+            "loft_feedback_score", "Scores posted to /v1/feedback (0-1), by the rated model.",
+            ["model"], registry=r,
         )  # fmt: skip
         self.resident_adapters = Gauge(
             "loft_resident_adapters", "Adapters currently loaded in the engine.", registry=r
@@ -77,6 +82,9 @@ class Metrics:
 
     def observe_first_token(self, model: str, seconds: float) -> None:
         self.ttft.labels(model=model).observe(seconds)
+
+    def observe_feedback(self, model: str, score: float) -> None:
+        self.feedback.labels(model=model).observe(score)
 
     def set_gauges(self, *, resident: int, queue_depth: int, in_flight: int) -> None:
         self.resident_adapters.set(resident)

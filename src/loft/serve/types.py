@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+Arm = Literal["champion", "candidate"]  # the side of a traffic split a request was routed to
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Target:
     path: Path | None = None
     chat_template: str | None = None  # the adapter's own template when it has one
     rank: int | None = None  # LoRA rank (vLLM sizes max_lora_rank from it)
+    route: Arm | None = None  # the split's arm this request took; None when no split applied
 
 
 @dataclass
@@ -64,11 +66,15 @@ class Engine(Protocol):
     def is_base_name(self, model: str) -> bool:
         """True when ``model`` names the base model (its configured or canonical name)."""
 
-    def acquire(self, model: str) -> AbstractAsyncContextManager[Target]:
+    def acquire(
+        self, model: str, route_key: str | None = None
+    ) -> AbstractAsyncContextManager[Target]:
         """Resolve ``model`` (``name`` follows the default alias, ``name@alias``, ``name:N``, or the
         base name), load the adapter if it is not resident (verified, idempotent under concurrent
-        calls) and keep it resident until the block exits. NotFoundError / IntegrityError /
-        ConfigError (wrong base model, or an adapter this engine cannot serve) propagate."""
+        calls) and keep it resident until the block exits. A bare name with a traffic split goes
+        to the arm ``route_key`` is on (sticky; None: no split applied) and the target says which
+        (``route``). NotFoundError / IntegrityError / ConfigError (wrong base model, or an adapter
+        this engine cannot serve) propagate."""
 
     def generate(
         self,

@@ -206,13 +206,15 @@ class VllmEngine:
     def queue_depth(self) -> int:
         return self._running
 
-    def acquire(self, model: str) -> AbstractAsyncContextManager[Target]:
+    def acquire(
+        self, model: str, route_key: str | None = None
+    ) -> AbstractAsyncContextManager[Target]:
         assert self.cache is not None, "engine not started"
-        return self._acquire(model)
+        return self._acquire(model, route_key)
 
     @asynccontextmanager
-    async def _acquire(self, model: str) -> AsyncIterator[Target]:
-        async with self.cache.acquire(model) as target:  # type: ignore[union-attr]
+    async def _acquire(self, model: str, route_key: str | None) -> AsyncIterator[Target]:
+        async with self.cache.acquire(model, route_key) as target:  # type: ignore[union-attr]
             if not target.is_base:
                 await self._add_lora(target)
             yield target
