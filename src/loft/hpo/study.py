@@ -70,11 +70,14 @@ def _sampler(name: str, seed: int, space: Space, target: int = 30) -> Any:
 
 def _pruner(name: str, first_eval: int, max_steps: int | None) -> Any:
     """``first_eval``: the step of a trial's first evaluation (the recipe's eval_every), the
-    smallest rung; Optuna's "auto" would leave the first trial out of every rung."""
+    smallest rung; Optuna's "auto" would leave the first trial out of every rung. Successive
+    halving keeps the best half at each rung, not Optuna's quarter: with a dozen trials a quarter
+    judged on the first evaluation pruned the grid's winning region in bench/hpo_efficiency.py
+    (+5.7% eval loss against the grid; keeping half: -2.0%, at 40% of the grid's tokens)."""
     import optuna
 
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_eval, reduction_factor=2)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=first_eval, max_resource=max_steps or "auto"
