@@ -120,19 +120,47 @@ def _close(needle: str, haystack: str) -> bool:
     return False
 
 
-# every shipped YAML is a training config, except lm-eval task definitions (tested in test_lmeval)
-# and `loft tune` search spaces (space*.yaml, checked against the recipe beside them)
+# every shipped YAML is a training config, except lm-eval task definitions (tested in test_lmeval),
+# `loft tune` search spaces (space*.yaml, checked against the recipe beside them), gates
+# (gates/*.yaml) and job pipelines (retrain*.yaml)
 SPACES = sorted(EXAMPLES.rglob("space*.yaml"))
+GATES = sorted(EXAMPLES.rglob("gates/*.yaml"))
+PIPELINES = sorted(EXAMPLES.rglob("retrain*.yaml"))
 TRAIN_CONFIGS = sorted(
-    p for p in EXAMPLES.rglob("*.yaml") if "lm_eval" not in p.parts and p not in SPACES
+    p
+    for p in EXAMPLES.rglob("*.yaml")
+    if "lm_eval" not in p.parts and p not in SPACES + GATES + PIPELINES
 )
 
 
 @pytest.mark.unit
 def test_every_shipped_yaml_is_accounted_for() -> None:
     lm_eval_tasks = sorted((EXAMPLES / "lm_eval").glob("*.yaml"))
-    assert sorted(EXAMPLES.rglob("*.yaml")) == sorted(TRAIN_CONFIGS + lm_eval_tasks + SPACES)
-    assert len(TRAIN_CONFIGS) >= 4
+    shipped = TRAIN_CONFIGS + lm_eval_tasks + SPACES + GATES + PIPELINES
+    assert sorted(EXAMPLES.rglob("*.yaml")) == sorted(shipped)
+    assert len(TRAIN_CONFIGS) >= 4 and GATES and PIPELINES
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", GATES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_gate_parses_and_names_only_live_metrics(path: Path) -> None:
+    from loft.evaluate.gates import load_gate
+    from loft.serve.rollout import LIVE_METRICS
+
+    assert {c.metric for c in load_gate(path)} <= set(LIVE_METRICS)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_example_pipeline_validates_stage_by_stage(path: Path, loft_home: Path) -> None:
+    """Every stage as `loft jobs submit` checks it: the recipe against the planner, the other
+    stages' arguments parsed by their commands."""
+    import loft.cli.main  # noqa: F401  (registers the commands the stages name)
+    from loft.cli.jobs import _check_args
+    from loft.jobs.pipelines import load_pipeline
+
+    stages = load_pipeline(path, capacities=[], check_args=_check_args)
+    assert [s["kind"] for s in stages] == ["train", "eval", "rollout"]
 
 
 @pytest.mark.unit
@@ -154,7 +182,7 @@ def test_example_config_validates(path: Path) -> None:
 
 @pytest.mark.unit
 def test_support_ticket_configs_cover_every_method() -> None:
-    methods = {load_config(p).method for p in TICKETS.glob("*.yaml") if p not in SPACES}
+    methods = {load_config(p).method for p in TICKETS.glob("*.yaml") if p in TRAIN_CONFIGS}
     assert methods == {"lora", "dora", "full", "qlora"}
 
 

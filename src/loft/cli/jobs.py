@@ -1,8 +1,13 @@
-"""loft jobs submit|list|show|logs|cancel|retry, and loft worker (LOFT_HOME/jobs.db)."""
+"""loft jobs submit|list|show|logs|cancel|retry, and loft worker (LOFT_HOME/jobs.db).
+
+``loft jobs submit FILE`` takes a training config or a pipeline file (top-level ``stages:``,
+jobs/pipelines.py); ``job_from_file`` reads either, for ``loft schedule add --job FILE`` too."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -38,6 +43,11 @@ def _check_args(kind: str, args: list[str]) -> None:
     ctx = cmd.context_class(cmd, info_name="loft")
     for word in words:
         cmd = cmd.get_command(ctx, word)  # type: ignore[attr-defined]
+        if cmd is None:
+            raise ConfigError(
+                f"job of kind {kind}: this loft has no `loft {' '.join(words)}` command",
+                hint="Upgrade loft on the machine that submits (and on the workers).",
+            )
     try:
         cmd.make_context(" ".join(words), list(args), parent=ctx)
     except Exception as e:  # typer's (vendored) click usage errors
@@ -49,15 +59,46 @@ def _check_args(kind: str, args: list[str]) -> None:
         ) from None
 
 
+def job_from_file(
+    path: str | Path, sets: list[str], *, store: Any, max_attempts: int = 3
+) -> dict[str, Any]:
+    """The job a file describes, validated: a pipeline file (top-level ``stages:``, every stage
+    checked, problems with FILE:LINE and key path) or a training config (as `loft train` reads
+    it, against the planner's estimate). ``{kind, spec, resources, max_attempts, stages}``:
+    ``stages`` is how many (1 for a training config)."""
+    from loft.core.errors import ConfigError
+    from loft.jobs import kinds, pipelines
+
+    capacities = [c for _, c in store.worker_capacities()]
+    if pipelines.is_pipeline(path):
+        if sets:
+            raise ConfigError(
+                f"{path} is a pipeline: --set applies to one training config; set keys in the "
+                "pipeline file, under the train stage's `set:`"
+            )
+        stages = pipelines.load_pipeline(
+            path, capacities=capacities, check_args=_check_args, max_attempts=max_attempts
+        )
+        first = pipelines.first_job(stages, owner="")
+        return {"kind": first.kind, "spec": first.spec, "resources": first.resources,
+                "max_attempts": max_attempts, "stages": len(stages)}  # fmt: skip
+    adm = kinds.admit_train(path, list(sets), capacities=capacities)
+    return {"kind": "train", "spec": adm.spec, "resources": adm.resources,
+            "max_attempts": max_attempts, "stages": 1}  # fmt: skip
+
+
 @app.command("submit")
 def submit_cmd(
     args: list[str] = typer.Argument(
         None,
-        metavar="CONFIG | -- ARGS",
-        help="A training config (kind train), or after `--` the arguments of the kind's command.",
+        metavar="CONFIG | PIPELINE | -- ARGS",
+        help="A training config (kind train), a pipeline file (top-level `stages:`), or after "
+        "`--` the arguments of the kind's command.",
     ),
     kind: str = typer.Option(
-        "train", "--kind", help="train, eval, merge, export, tune, data-prepare, data-validate."
+        "train",
+        "--kind",
+        help="train, eval, merge, export, tune, data-prepare, data-validate, watch, rollout.",
     ),
     sets: list[str] = typer.Option([], "--set", "-s", help="train: override a config key."),
     priority: int = typer.Option(0, "--priority", help="Higher runs first."),
@@ -67,23 +108,26 @@ def submit_cmd(
 ) -> None:
     """Validate a job now (exit 2 with the reason when it cannot run) and queue it; prints the
     job id and returns. A training job is checked against the planner's memory estimate: one that
-    fits no worker is refused with the itemised estimate."""
+    fits no worker is refused with the itemised estimate. A pipeline file queues its first stage;
+    each later stage is queued when the one before it succeeds (README: "Pipelines and
+    schedules")."""
     from loft.core.errors import ConfigError
-    from loft.jobs import KINDS, JobStore, kinds
+    from loft.jobs import KINDS, JobStore
 
     args = list(args or [])
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
     store = JobStore()
+    stages = 1
     if kind == "train":
         if len(args) != 1:
             raise ConfigError(
-                "loft jobs submit CONFIG: one training config", hint="--kind for others."
+                "loft jobs submit CONFIG: one training config (or pipeline file)",
+                hint="--kind for others.",
             )
-        adm = kinds.admit_train(
-            args[0], list(sets), capacities=[c for _, c in store.worker_capacities()]
-        )
-        spec, resources = adm.spec, adm.resources
+        found = job_from_file(args[0], list(sets), store=store, max_attempts=max_attempts)
+        kind, spec, resources, stages = (found["kind"], found["spec"], found["resources"],
+                                         found["stages"])  # fmt: skip
     else:
         if sets:
             raise ConfigError("--set is for training jobs; pass the command's own options after --")
@@ -103,18 +147,30 @@ def submit_cmd(
         markup=False,
         soft_wrap=True,
     )
+    if job.pipeline:
+        later = ", ".join(st["kind"] for st in job.spec.get("then", []))
+        err_console.print(
+            f"pipeline {job.pipeline}: stage 1 of {stages}"
+            + (f"; then {later}, each queued when the one before it succeeds" if later else "")
+            + f". Its jobs: loft jobs list --pipeline {job.pipeline}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("list")
 def list_cmd(
     status: str | None = typer.Option(None, "--status", help="Only jobs in this state."),
+    pipeline: str | None = typer.Option(
+        None, "--pipeline", help="Only the stages of this pipeline (its id, or a prefix)."
+    ),
     limit: int = typer.Option(100, "--limit", "-n", min=1),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Jobs, newest first."""
     from loft.jobs import JobStore
 
-    jobs = JobStore().list(status=status, limit=limit)
+    jobs = JobStore().list(status=status, pipeline=pipeline, limit=limit)
     if json_out:
         print_json([j.to_dict() for j in jobs])
         return
@@ -149,6 +205,10 @@ def _brief(j) -> str:
         return f"registered {j.result['registered']}"
     if j.error:
         return j.error[:80]
+    if j.result.get("pipeline_stopped"):
+        return f"pipeline stopped: {j.result['pipeline_stopped']}"[:80]
+    if j.pipeline:
+        return f"pipeline {j.pipeline} stage {int(j.spec.get('stage', 0)) + 1}"
     return ""
 
 
@@ -170,12 +230,41 @@ def show_cmd(
                 "created", "started", "finished", "worker", "log", "error"):  # fmt: skip
         if d[key] is not None:
             console.print(f"{key + ':':<14}{d[key]}", markup=False)
+    if d["pipeline"]:
+        _show_pipeline(d)
     for key in ("spec", "resources", "progress", "result"):
         if d[key]:
             console.print(f"{key + ':':<14}{json.dumps(d[key])}", markup=False)
     for h in d["history"]:
         rest = ", ".join(f"{k} {v}" for k, v in h.items() if k not in ("at", "event"))
         console.print(f"  {h['at']}  {h['event']}{'  ' + rest if rest else ''}", markup=False)
+
+
+def _show_pipeline(d: dict[str, Any]) -> None:
+    """A pipeline stage's place: the pipeline, its stage, the job before it, what comes next."""
+    from loft.jobs.pipelines import describe
+
+    then = d["spec"].get("then", [])
+    stage = int(d["spec"].get("stage", 0))
+    console.print(
+        f"{'pipeline:':<14}{d['pipeline']} (stage {stage + 1} of {stage + 1 + len(then)}; "
+        f"all its jobs: loft jobs list --pipeline {d['pipeline']})",
+        markup=False,
+    )
+    if d["parent"]:
+        console.print(f"{'after:':<14}{d['parent']}", markup=False)
+    if d["result"].get("next_job"):
+        console.print(f"{'next job:':<14}{d['result']['next_job']}", markup=False)
+    elif d["result"].get("pipeline_stopped"):
+        console.print(f"{'stopped:':<14}{d['result']['pipeline_stopped']}", markup=False)
+    elif then and d["status"] in ("FAILED", "CANCELLED"):
+        console.print(
+            f"{'stopped:':<14}this stage is {d['status']}; `loft jobs retry {d['id']}` "
+            "continues the pipeline once it succeeds",
+            markup=False,
+        )
+    for i, st in enumerate(then, start=stage + 1):
+        console.print(f"  then stages[{i}]: {describe(st)}", markup=False, soft_wrap=True)
 
 
 @app.command("logs")
@@ -259,18 +348,23 @@ def register(root: typer.Typer) -> None:
         ray_address: str | None = typer.Option(
             None, "--ray-address", help="The Ray dashboard, http://HEAD:8265 (or LOFT_RAY_ADDRESS)."
         ),
+        no_scheduler: bool = typer.Option(
+            False, "--no-scheduler", help="Do not fire due schedules from this worker."
+        ),
     ) -> None:
         """Claim and run queued jobs on this machine, one at a time, each in its own process
         group with its log under LOFT_HOME/jobs/ID (or, with --executor ray, as a Ray job on the
         cluster, its output and status mirrored here). SIGTERM or Ctrl-C: the running job
-        checkpoints and goes back to the queue. Run several for several jobs at once."""
+        checkpoints and goes back to the queue. Run several for several jobs at once.
+        Every worker also fires the schedules that are due (`loft schedule`), each tick once
+        however many workers run."""
         from loft.jobs import Worker
 
         cap = int(capacity_gb * 2**30) if capacity_gb is not None else None
         devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
         w = Worker(capacity=cap, lease_s=lease, poll_s=poll, max_jobs=max_jobs,
                    until_idle=until_idle, gpus=devices, executor=executor,
-                   ray_address=ray_address,
+                   ray_address=ray_address, scheduler=not no_scheduler,
                    say=lambda m: err_console.print(m, markup=False, soft_wrap=True))  # fmt: skip
         n = w.run()
         err_console.print(f"worker {w.id}: ran {n} job(s)", markup=False)

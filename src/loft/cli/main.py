@@ -54,7 +54,9 @@ def _register() -> None:
         models,
         plan,
         registry,
+        rollout,
         runs,
+        schedule,
         serve,
         train,
         tune,
@@ -69,6 +71,8 @@ def _register() -> None:
     app.add_typer(audit.app, name="audit")
     app.add_typer(keys.app, name="keys")
     app.add_typer(jobs.app, name="jobs")
+    app.add_typer(schedule.app, name="schedule")
+    app.add_typer(rollout.app, name="rollout")
     train.register(app)
     runs.register(app)
     demo.register(app)

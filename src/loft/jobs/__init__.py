@@ -1,5 +1,6 @@
 """Jobs on shared hardware (issue 16): rows in a queue (SQLite WAL under LOFT_HOME), workers that
-claim them with a lease and a fencing token, and the kind -> command dispatch table.
+claim them with a lease and a fencing token, and the kind -> command dispatch table; pipelines of
+jobs run stage after stage, and schedules and metric triggers that submit jobs (issue 17).
 
 No torch here (DESIGN.md): a job runs as the loft command a user would type, in its own process.
 """

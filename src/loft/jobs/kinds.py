@@ -3,8 +3,11 @@
 A job runs as the loft command a user would type, in its own process: ``train`` as
 ``loft train CONFIG --set output_dir=JOB_DIR/run ...`` (``--resume`` on a later attempt, so a
 requeued or orphaned job continues from its last checkpoint), the others as ``loft <command>
-ARGS``. jobs/ never imports torch or the stages themselves (DESIGN.md): the stage runs in the
-child, and the planner's memory estimate for admission comes from ``loft plan --json``.
+ARGS`` (in the folder ``spec["cwd"]`` names when it names one: a pipeline stage's relative paths
+are relative to its pipeline file). A command that writes ``result.json`` into its job's folder
+(``LOFT_HOME/jobs/$LOFT_JOB_ID``; ``loft schedule check`` does) has that object as its result.
+jobs/ never imports torch or the stages themselves (DESIGN.md): the stage runs in the child, and
+the planner's memory estimate for admission comes from ``loft plan --json``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "tune": ("tune",),
     "data-prepare": ("data", "prepare"),
     "data-validate": ("data", "validate"),
+    "watch": ("watch",),
+    "rollout": ("rollout",),
+    "schedule-check": ("schedule", "check"),
 }
 KINDS = tuple(COMMANDS)
 _STEP = re.compile(
@@ -90,7 +96,11 @@ def argv(kind: str, spec: dict[str, Any], job_dir: Path, resume: bool) -> list[s
 def result(kind: str, job_dir: Path) -> dict[str, Any]:
     """What a finished job produced, for its row."""
     if kind != "train":
-        return {}
+        try:
+            found = json.loads((job_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
     summary = job_dir / "run" / "run_summary.json"
     if not summary.is_file():
         return {}

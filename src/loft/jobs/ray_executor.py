@@ -59,7 +59,8 @@ class RayRun:
     """One attempt of a job as a Ray job, with the subset of ``subprocess.Popen`` the worker
     uses: ``wait(timeout)`` (the exit code, or TimeoutExpired) and ``send(signal)``."""
 
-    def __init__(self, ray: Any, job: Any, cmd: list[str], log_path: Path, gpus: int) -> None:
+    def __init__(self, ray: Any, job: Any, cmd: list[str], log_path: Path, gpus: int,
+                 cwd: str | None = None) -> None:  # fmt: skip
         self.ray, self.log_path = ray, log_path
         self.id = submission_id(job.id, job.attempts)
         self._stop_earlier(job)
@@ -69,7 +70,7 @@ class RayRun:
         while True:
             try:
                 ray.submit_job(
-                    entrypoint=shlex.join(cmd),
+                    entrypoint=(f"cd {shlex.quote(cwd)} && " if cwd else "") + shlex.join(cmd),
                     submission_id=self.id,
                     runtime_env={"env_vars": env},
                     metadata={"loft_job": job.id, "owner": job.owner, "kind": job.kind},

@@ -15,6 +15,13 @@ progress and results are JSON (never pickles).
 
 The claim order is priority (higher first), then fair share between owners (the owner with fewer
 jobs running first), then age.
+
+A job may carry a ``dedup`` key (unique: a second insert with the same key inserts nothing and
+returns the first job), its ``pipeline`` id and its ``parent`` job (the pipeline stage before it,
+submitted in the same transaction as that stage's finish). The same database holds the
+``schedules`` of ``loft schedule`` (jobs/schedules.py). Schema versions: 1, the queue; 2, adds
+``dedup``, ``pipeline`` and ``parent`` to ``jobs`` and the ``schedules`` table (an older database
+is migrated in place by the first loft that opens it).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import loft_home
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("ADMITTED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 RETRY_ATTEMPTS = 3  # `loft jobs retry` allows this many more attempts
@@ -74,6 +81,50 @@ CREATE TABLE IF NOT EXISTS workers (
     stopped REAL
 )
 """
+# version -> the statements that bring the schema from the version before it up to it
+_MIGRATIONS = {
+    2: """
+ALTER TABLE jobs ADD COLUMN dedup TEXT;
+ALTER TABLE jobs ADD COLUMN pipeline TEXT;
+ALTER TABLE jobs ADD COLUMN parent TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs (dedup);
+CREATE INDEX IF NOT EXISTS jobs_pipeline ON jobs (pipeline);
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    resources TEXT NOT NULL DEFAULT '{}',
+    max_attempts INTEGER NOT NULL DEFAULT 3,
+    source TEXT,
+    owner TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    cron TEXT,
+    tz TEXT,
+    every_s INTEGER,
+    cond TEXT,
+    data TEXT,
+    created REAL NOT NULL,
+    last_tick REAL,
+    last_job TEXT,
+    fired_tick REAL,
+    fired_job TEXT,
+    last_check TEXT
+)
+"""
+}
+
+
+def _pg_sql(sql: str) -> str:
+    """The schema's SQLite spelling in PostgreSQL's (64-bit floats and byte counts)."""
+    return (
+        sql.replace(" REAL", " DOUBLE PRECISION")
+        .replace("mem_bytes INTEGER", "mem_bytes BIGINT")
+        .replace("capacity_bytes INTEGER", "capacity_bytes BIGINT")
+    )
+
+
+def _statements(sql: str) -> list[str]:
+    return [s for s in sql.split(";") if s.strip()]
 
 
 @dataclass
@@ -98,6 +149,9 @@ class Job:
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    dedup: str | None = None
+    pipeline: str | None = None
+    parent: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (``loft jobs list/show --json``)."""
@@ -120,6 +174,9 @@ class Job:
             "error": self.error,
             "history": self.history,
             "log": str(job_dir(self.id) / "log.txt"),
+            "pipeline": self.pipeline,
+            "parent": self.parent,
+            "dedup": self.dedup,
         }
 
 
@@ -142,18 +199,37 @@ def new_id() -> str:
     return f"j{int(time.time() * 1000):011x}{secrets.token_hex(2)}"
 
 
+@dataclass
+class NewJob:
+    """A job to insert: what ``submit`` takes, and what a pipeline's finished stage or a
+    schedule's firing inserts inside its own transaction (``JobStore.insert``)."""
+
+    kind: str
+    spec: dict[str, Any]
+    owner: str
+    priority: int = 0
+    resources: dict[str, Any] = field(default_factory=dict)
+    max_attempts: int = 3
+    dedup: str | None = None
+    parent: str | None = None
+    id: str = field(default_factory=new_id)
+
+
 _COLS = (
     "id, kind, spec, owner, priority, resources, status, attempts, max_attempts, created, "
-    "started, finished, worker, fence, lease_until, cancel, progress, result, error, history"
+    "started, finished, worker, fence, lease_until, cancel, progress, result, error, history, "
+    "dedup, pipeline, parent"
 )
 
 
 def _row(r: tuple) -> Job:
     (id_, kind, spec, owner, prio, res, status, att, max_att, created, started, finished,
-     worker, fence, lease, cancel, progress, result, error, history) = r  # fmt: skip
+     worker, fence, lease, cancel, progress, result, error, history, dedup, pipeline,
+     parent) = r  # fmt: skip
     return Job(id_, kind, json.loads(spec), owner, prio, json.loads(res), status, att, max_att,
                created, started, finished, worker, fence, lease, bool(cancel),
-               json.loads(progress), json.loads(result), error, json.loads(history))  # fmt: skip
+               json.loads(progress), json.loads(result), error, json.loads(history), dedup,
+               pipeline, parent)  # fmt: skip
 
 
 class _Pg:
@@ -233,6 +309,15 @@ class JobStore:
             with contextlib.suppress(Exception):
                 self._close(conn)
 
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """One write transaction, for the jobs package's own modules (schedules): a connection
+        whose ``execute`` takes ``?`` placeholders, committed on exit, rolled back on an error."""
+        return self._tx()
+
+    def reading(self) -> contextlib.AbstractContextManager[Any]:
+        """This thread's connection for reads (as ``transaction``, without a transaction)."""
+        return self._read()
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
         """One write transaction (SQLite: BEGIN IMMEDIATE, no lock-upgrade deadlocks)."""
@@ -286,8 +371,8 @@ class JobStore:
             if version > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise self._too_new(version)
-            if version == 0:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
+            if version < SCHEMA_VERSION:
+                for statement in self._upgrade(version):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -302,18 +387,25 @@ class JobStore:
             if row and row[0] > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise self._too_new(row[0])
-            if not row:
-                schema = (
-                    _SCHEMA.replace(" REAL", " DOUBLE PRECISION")
-                    .replace("mem_bytes INTEGER", "mem_bytes BIGINT")
-                    .replace("capacity_bytes INTEGER", "capacity_bytes BIGINT")
-                )
-                for statement in filter(str.strip, schema.split(";")):
-                    conn.execute(statement)
-                conn.execute("INSERT INTO loft_jobs_meta VALUES (?)", (SCHEMA_VERSION,))
+            version = row[0] if row else 0
+            if version < SCHEMA_VERSION:
+                for statement in self._upgrade(version):
+                    conn.execute(_pg_sql(statement))
+                if row:
+                    conn.execute("UPDATE loft_jobs_meta SET version = ?", (SCHEMA_VERSION,))
+                else:
+                    conn.execute("INSERT INTO loft_jobs_meta VALUES (?)", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         finally:
             self._close(conn)
+
+    @staticmethod
+    def _upgrade(version: int) -> list[str]:
+        """The statements from schema ``version`` (0: none yet) to SCHEMA_VERSION."""
+        out = _statements(_SCHEMA) if version == 0 else []
+        for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            out += _statements(_MIGRATIONS[v])
+        return out
 
     def _too_new(self, version: int) -> ConfigError:
         return ConfigError(
@@ -333,18 +425,43 @@ class JobStore:
         priority: int = 0,
         resources: dict[str, Any] | None = None,
         max_attempts: int = 3,
+        dedup: str | None = None,
+        parent: str | None = None,
     ) -> Job:
-        resources = resources or {}
-        job_id, now = new_id(), time.time()
+        """Queue a job (validated by the caller). With ``dedup``, a key already used returns
+        the job that used it and inserts nothing."""
+        new = NewJob(kind, spec, owner, priority, dict(resources or {}), max_attempts, dedup,
+                     parent)  # fmt: skip
         with self._tx() as c:
-            c.execute(
-                "INSERT INTO jobs (id, kind, spec, owner, priority, resources, mem_bytes, status,"
-                " max_attempts, created, history) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, kind, json.dumps(spec), owner, priority, json.dumps(resources),
-                 int(resources.get("mem_bytes") or 0), "ADMITTED", max_attempts, now,
-                 json.dumps([{"at": _iso(now), "event": "admitted"}])),
-            )  # fmt: skip
+            job_id, _ = self.insert(c, new)
         return self.get(job_id)
+
+    def insert(self, c: Any, new: NewJob) -> tuple[str, bool]:
+        """Insert ``new`` inside the transaction ``c``: (its id, True), or (the id of the job
+        that already holds its dedup key, False)."""
+        now = time.time()
+        event: dict[str, Any] = {"at": _iso(now), "event": "admitted"}
+        if new.parent:
+            event["after"] = new.parent
+        cur = c.execute(
+            "INSERT INTO jobs (id, kind, spec, owner, priority, resources, mem_bytes, status,"
+            " max_attempts, created, history, dedup, pipeline, parent)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (dedup) DO NOTHING",
+            (new.id, new.kind, json.dumps(new.spec), new.owner, new.priority,
+             json.dumps(new.resources), int(new.resources.get("mem_bytes") or 0), "ADMITTED",
+             new.max_attempts, now, json.dumps([event]), new.dedup, new.spec.get("pipeline"),
+             new.parent),
+        )  # fmt: skip
+        if cur.rowcount == 1:
+            return new.id, True
+        r = c.execute("SELECT id FROM jobs WHERE dedup = ?", (new.dedup,)).fetchone()
+        return r[0], False
+
+    def by_dedup(self, key: str) -> Job | None:
+        """The job submitted under dedup ``key``, or None."""
+        with self._read() as c:
+            r = c.execute(f"SELECT {_COLS} FROM jobs WHERE dedup = ?", (key,)).fetchone()
+        return _row(r) if r else None
 
     def get(self, job_id: str) -> Job:
         with self._read() as c:
@@ -358,17 +475,21 @@ class JobStore:
             raise NotFoundError(f"no job {job_id!r} in {self.where}", hint="See `loft jobs list`.")
         return _row(r)
 
-    def list(self, *, status: str | None = None, limit: int = 100) -> list[Job]:
+    def list(
+        self, *, status: str | None = None, pipeline: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first; only those in ``status`` and of ``pipeline`` (an id or a unique
+        prefix of one) when given."""
+        where, params = [], []
+        if status:
+            where.append("status = ?")
+            params.append(status.upper())
+        if pipeline:  # a unique prefix is enough, as with job ids
+            where.append("pipeline LIKE ?")
+            params.append(pipeline + "%")
+        sql = f"SELECT {_COLS} FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
         with self._read() as c:
-            if status:
-                rows = c.execute(
-                    f"SELECT {_COLS} FROM jobs WHERE status = ? ORDER BY created DESC LIMIT ?",
-                    (status.upper(), limit),
-                ).fetchall()
-            else:
-                rows = c.execute(
-                    f"SELECT {_COLS} FROM jobs ORDER BY created DESC LIMIT ?", (limit,)
-                ).fetchall()
+            rows = c.execute(f"{sql} ORDER BY created DESC LIMIT ?", (*params, limit)).fetchall()
         return [_row(r) for r in rows]
 
     # ------------------------------------------------------------------ workers
@@ -407,14 +528,15 @@ class JobStore:
         A RUNNING job whose lease expired is claimable (its worker is presumed dead)."""
         now = time.time()
         with self._tx() as c:
+            # each owner's running jobs counted once, not once per candidate row
             r = c.execute(
-                f"SELECT {_COLS} FROM jobs j WHERE mem_bytes <= ? AND cancel = 0 AND"
+                f"SELECT {_COLS} FROM jobs j LEFT JOIN (SELECT owner AS o, COUNT(*) AS n"
+                " FROM jobs WHERE status = 'RUNNING' AND lease_until >= ? GROUP BY owner) r"
+                " ON r.o = j.owner WHERE mem_bytes <= ? AND cancel = 0 AND"
                 " (status = 'ADMITTED' OR (status = 'RUNNING' AND lease_until < ?))"
-                " ORDER BY priority DESC,"
-                " (SELECT COUNT(*) FROM jobs o WHERE o.owner = j.owner AND o.status = 'RUNNING'"
-                "  AND o.lease_until >= ?) ASC, created ASC LIMIT 1"
-                + (" FOR UPDATE SKIP LOCKED" if self.pg else ""),
-                (capacity, now, now),
+                " ORDER BY priority DESC, COALESCE(r.n, 0) ASC, created ASC LIMIT 1"
+                + (" FOR UPDATE OF j SKIP LOCKED" if self.pg else ""),
+                (now, capacity, now),
             ).fetchone()
             if r is None:
                 return None
@@ -452,16 +574,18 @@ class JobStore:
         return ours, bool(cancel and cancel[0])
 
     def finish(self, job_id: str, fence: int, status: str, *, result: dict[str, Any] | None = None,
-               error: str | None = None) -> bool:  # fmt: skip
-        """End the job (SUCCEEDED, FAILED or CANCELLED) if the fence is still its own."""
+               error: str | None = None, then: NewJob | None = None) -> bool:  # fmt: skip
+        """End the job (SUCCEEDED, FAILED or CANCELLED) if the fence is still its own; with
+        ``then`` (a pipeline's next stage), insert that job in the same transaction, its id
+        recorded in this job's result (``next_job``) and history."""
         if status not in TERMINAL:
             raise ValueError(status)
-        return self._update(
-            job_id, fence, status,
-            {"finished": time.time(), "lease_until": None, "result": json.dumps(result or {}),
-             "error": error},
-            {"event": status.lower(), **({"error": error} if error else {})},
-        )  # fmt: skip
+        result = dict(result or {})
+        event: dict[str, Any] = {"event": status.lower(), **({"error": error} if error else {})}
+        if result.get("pipeline_stopped"):
+            event["pipeline stopped"] = result["pipeline_stopped"]
+        cols = {"finished": time.time(), "lease_until": None, "result": result, "error": error}
+        return self._update(job_id, fence, status, cols, event, then=then)
 
     def requeue(self, job_id: str, fence: int, reason: str) -> bool:
         """Hand the job back to the queue (its worker is stopping; it resumes elsewhere)."""
@@ -471,7 +595,7 @@ class JobStore:
         )  # fmt: skip
 
     def _update(self, job_id: str, fence: int, status: str, cols: dict[str, Any],
-                event: dict[str, Any]) -> bool:  # fmt: skip
+                event: dict[str, Any], then: NewJob | None = None) -> bool:  # fmt: skip
         with self._tx() as c:
             r = c.execute(
                 "SELECT history FROM jobs WHERE id = ? AND fence = ? AND status = 'RUNNING'",
@@ -479,6 +603,12 @@ class JobStore:
             ).fetchone()
             if r is None:
                 return False  # fenced out: another worker holds the job now
+            if then is not None:  # the pipeline's next stage: queued with this finish, or not
+                next_id, _ = self.insert(c, then)
+                cols = {**cols, "result": {**cols["result"], "next_job": next_id}}
+                event = {**event, "next": next_id}
+            if isinstance(cols.get("result"), dict):
+                cols = {**cols, "result": json.dumps(cols["result"])}
             history = [*json.loads(r[0]), {"at": _iso(time.time()), **event}]
             sets = ", ".join(f"{k} = ?" for k in cols)
             c.execute(
@@ -524,4 +654,4 @@ class JobStore:
         return self.get(job.id)
 
 
-__all__ = ["STATES", "TERMINAL", "Job", "JobStore", "job_dir", "jobs_root", "new_id"]
+__all__ = ["STATES", "TERMINAL", "Job", "JobStore", "NewJob", "job_dir", "jobs_root", "new_id"]

@@ -19,6 +19,11 @@ its progress. Then:
 A worker that dies outright (SIGKILL, power loss) stops renewing; once the lease expires another
 worker claims the job and resumes it. The job's processes die with their worker (the kernel's
 parent-death signal), so two copies never train into one run directory.
+
+A job that SUCCEEDED and is a pipeline's stage queues the next stage in the same transaction as
+its finish (jobs/pipelines.py). Every worker is also the scheduler: about once a second (while a
+job runs: at each heartbeat) it fires the schedules that are due (``schedules.fire_due``, exactly
+once per tick however many workers run).
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loft.core.errors import ConfigError
+from loft.core.errors import ConfigError, LoftError
 from loft.core.procs import ram_bytes, start_ticks
-from loft.jobs import kinds, ray_executor
+from loft.jobs import kinds, pipelines, ray_executor, schedules
 from loft.jobs.store import Job, JobStore, job_dir
 
 NO_RETRY = (2, 3)  # bad input, refused gate: exit codes that fail the same way every time
+SCHEDULER_EVERY_S = 1.0  # how often an idle worker looks for due schedules
 PR_SET_PDEATHSIG = 1
 
 
@@ -83,6 +89,7 @@ class Worker:
         gpus: list[str] | None = None,
         executor: str | None = None,
         ray_address: str | None = None,
+        scheduler: bool = True,
         say: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.store = store or JobStore()
@@ -107,6 +114,10 @@ class Worker:
         self.id = f"{socket.gethostname()}:{pid}:{start_ticks(pid) or 0}"
         self.stopping = False
         self.ran = 0
+        self.scheduler = scheduler
+        self._scheduled_at = 0.0
+        self._scheduler_error: str | None = None
+        self._unfired: set[str] = set()  # "schedule: why" already said (said again once it fires)
 
     # ---------------------------------------------------------------- the loop
 
@@ -123,6 +134,7 @@ class Worker:
         last_seen = 0.0
         try:
             while not self.stopping and (self.max_jobs is None or self.ran < self.max_jobs):
+                self.fire_schedules()
                 job = self.store.claim(self.id, capacity=self.capacity, lease_s=self.lease_s)
                 if job is None:
                     if self.until_idle:
@@ -140,6 +152,33 @@ class Worker:
             self.store.worker_seen(self.id, stopped=True)
         return self.ran
 
+    def fire_schedules(self) -> None:
+        """Fire the due schedules (at most once per SCHEDULER_EVERY_S). A failure is reported,
+        once until it changes, and never stops the worker: its jobs still run."""
+        now = time.time()
+        if not self.scheduler or now - self._scheduled_at < SCHEDULER_EVERY_S:
+            return
+        self._scheduled_at = now
+        try:
+            fired = schedules.fire_due(self.store, now)
+        except Exception as e:  # the database away a moment, a schedule this loft cannot read
+            why = e.message if isinstance(e, LoftError) else f"{type(e).__name__}: {e}"
+            if why != self._scheduler_error:
+                self.say(f"worker {self.id}: scheduler: {why}")
+            self._scheduler_error = why
+            return
+        self._scheduler_error = None
+        for f in fired:
+            if f.error:
+                said = f"{f.schedule}: {f.error}"
+                if said not in self._unfired:
+                    self.say(f"schedule {f.schedule}: not fired here: {f.error}")
+                self._unfired.add(said)
+            else:
+                self._unfired = {u for u in self._unfired if not u.startswith(f"{f.schedule}: ")}
+                self.say(f"schedule {f.schedule}: tick {schedules.iso(f.tick)}: queued {f.kind} "
+                         f"job {f.job}")  # fmt: skip
+
     def _stop(self, signum: int, _frame: Any) -> None:
         self.stopping = True
         self.say(f"worker {self.id}: {signal.Signals(signum).name}; stopping after handing back")
@@ -153,6 +192,12 @@ class Worker:
         resume = job.attempts > 1
         cmd = [sys.executable, "-m", "loft.cli.main", *kinds.argv(job.kind, job.spec, d, resume)]
         log_path = d / "log.txt"
+        cwd = job.spec.get("cwd")  # a pipeline stage runs beside its pipeline file
+        if cwd and not Path(cwd).is_dir():
+            why = f"its folder {cwd} (the pipeline file's) is not on this worker's machine"
+            self.store.finish(job.id, job.fence, "FAILED", error=why)
+            self.say(f"job {job.id}: failed: {why}")
+            return "failed"
         env = {**os.environ, "LOFT_JOB_ID": job.id, "PYTHONUNBUFFERED": "1"}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
@@ -166,12 +211,13 @@ class Worker:
             )
             log.flush()
             if self.ray is not None:
-                run: Any = ray_executor.RayRun(self.ray, job, cmd, log_path, len(self.gpus))
+                run: Any = ray_executor.RayRun(self.ray, job, cmd, log_path, len(self.gpus),
+                                               cwd=cwd)  # fmt: skip
                 what = f"Ray job {run.id}"
             else:
                 run = _Local(subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env=env, start_new_session=True, preexec_fn=_die_with_parent, cwd=cwd,
                 ))  # fmt: skip
                 what = f"pid {run.proc.pid}"
         self.say(f"job {job.id} ({job.kind}, attempt {job.attempts}): {what}")
@@ -191,6 +237,7 @@ class Worker:
             progress = {**(kinds.progress(job.kind, _tail(log_path)) or {}), **run.progress()}
             progress = progress or None  # nothing new: the row keeps what it had
             ours, cancel = self.store.heartbeat(job.id, job.fence, self.lease_s, progress)
+            self.fire_schedules()
             if not ours:  # presumed dead and taken over: our copy must not run on
                 run.send(signal.SIGKILL)
                 run.wait(timeout=600)
@@ -206,9 +253,15 @@ class Worker:
                               job_dir(job.id)), error="cancelled by the user")  # fmt: skip
             return "cancelled"
         if rc == 0:
-            self.store.finish(job.id, job.fence, "SUCCEEDED",
-                              result=kinds.result(job.kind, job_dir(job.id)))  # fmt: skip
-            return "succeeded"
+            result = kinds.result(job.kind, job_dir(job.id))
+            then, stopped = pipelines.follow_up(job, result)
+            if stopped:
+                result["pipeline_stopped"] = stopped
+            if not self.store.finish(job.id, job.fence, "SUCCEEDED", result=result, then=then):
+                return "succeeded, but another worker holds the job now: its row is theirs"
+            if then is not None:
+                return f"succeeded; queued the pipeline's next stage ({then.kind})"
+            return f"succeeded; the pipeline stops: {stopped}" if stopped else "succeeded"
         if signalled == "stop" or self.stopping:
             self.store.requeue(job.id, job.fence, f"worker {self.id} stopped (exit {rc})")
             return f"handed back to the queue (exit {rc})"
