@@ -12,7 +12,6 @@ again; each rating is its own line.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -24,7 +23,7 @@ from typing import Any
 from loft.core.errors import LoftError, NotFoundError, PermissionDeniedError, http_status_for
 from loft.serve.audit import AuditLog
 from loft.serve.metrics import Metrics
-from loft.serve.protocol import InvalidRequestError, error_type_for
+from loft.serve.protocol import InvalidRequestError, error_type_for, json_object
 
 log = logging.getLogger("loft.serve")
 ENDPOINT = "/v1/feedback"
@@ -140,12 +139,7 @@ class Rating:
 def parse_feedback(raw: bytes) -> Feedback:
     """A ``/v1/feedback`` body: ``{"id", "score": 0..1}`` or ``{"id", "thumbs": "up"|"down"}``,
     optional ``"comment"``; InvalidRequestError (400) names the offending field."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"request body must be a JSON object, got {type(doc).__name__}")
+    doc = json_object(raw)
     rid = doc.get("id")
     if not isinstance(rid, str) or not rid.strip() or len(rid) > MAX_ID_CHARS:
         raise InvalidRequestError(

@@ -217,14 +217,20 @@ def _check_chat_shape(doc: dict[str, Any]) -> None:
                     )
 
 
-def parse_body(raw: bytes, kind: Literal["chat", "completion"]) -> Any:
-    """Parse and validate a request body; InvalidRequestError (400) names the first bad field."""
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; InvalidRequestError (400) otherwise."""
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InvalidRequestError(f"request body must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def parse_body(raw: bytes, kind: Literal["chat", "completion"]) -> Any:
+    """Parse and validate a request body; InvalidRequestError (400) names the first bad field."""
+    doc = json_object(raw)
     if kind == "chat":
         _refuse_unsupported(doc, _UNSUPPORTED_CHAT, "/v1/chat/completions")
         _check_chat_shape(doc)
