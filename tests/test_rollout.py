@@ -150,10 +150,17 @@ def test_a_worse_candidate_is_aborted_and_the_champion_gets_all_traffic(server):
 @pytest.mark.integration
 def test_a_step_waits_for_enough_data_and_gives_up_after_max_wait(server):
     from loft import registry
+    from loft.core.errors import ConfigError
     from loft.serve import rollout
 
+    with pytest.raises(ConfigError, match="cannot import module"):  # refused before any split
+        rollout.start("bot", 2, steps=[50, 100], gate=server["gate"], every_s=0,
+                      scorers=["no_such_module:f"])  # fmt: skip
+    assert registry.get_split("bot") is None
     rollout.start("bot", 2, steps=[50, 100], gate=server["gate"], every_s=0,
                   audit=[server["audit"]], min_requests=1000, max_wait=2)  # fmt: skip
+    with pytest.raises(ConfigError, match="one rollout at a time"):
+        rollout.start("bot", 2, steps=[50, 100], gate=server["gate"], every_s=0)
     _traffic(server["url"], 6, {"bot:1": 0.5, "bot:2": 0.5}, "e")
     st = rollout.status("bot")
     assert st["running"] and "of 1000 requests" in st["waiting_for"]
@@ -191,10 +198,18 @@ def test_steps_live_metrics_and_refusals(tmp_path, monkeypatch):
         + line(6, resolved="m:2", endpoint="/v1/feedback", score=1.0)
         + '{"time": "half a line'
     )
-    m = rollout.live_metrics([audit, tmp_path / "absent.jsonl"], ["m:2", "m:1"], t0, t0 + 10)
+    (tmp_path / "live_scorers.py").write_text(
+        "def short(completion, prompt):\n    return float(len(completion) < 5)\n"
+        "def broken(completion, prompt):\n    return completion['x']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    paths = [audit, tmp_path / "absent.jsonl"]
+    m = rollout.live_metrics(paths, ["m:2", "m:1"], t0, t0 + 10, ["live_scorers:short"])
     assert m["m:2"] == {"requests": 2, "errors": 1, "feedback": 1, "error_rate": 0.5,
                         "latency_p50_ms": 10.0, "latency_p95_ms": 30.0, "feedback_score": 1.0,
-                        "json_valid": 0.5}  # fmt: skip
+                        "json_valid": 0.5, "short": 0.5}  # fmt: skip
+    with pytest.raises(ConfigError, match="scorer 'broken' failed on request"):
+        rollout.live_metrics(paths, ["m:2"], t0, t0 + 10, ["live_scorers:broken"])
     assert m["m:1"]["requests"] == 1 and m["m:1"]["feedback_score"] == 0.25
 
 

@@ -85,6 +85,12 @@ def start_cmd(
     promote_gate: Path | None = typer.Option(
         None, "--promote-gate", help="Gate for the final promotion (default: the version's own)."
     ),
+    scorer: list[str] = typer.Option(
+        [],
+        "--scorer",
+        help="Live metric over logged outputs (log_prompts on): `module.path:function`, called "
+        "as function(completion, prompt) -> float, named after the function.",
+    ),  # fmt: skip
     schedule: bool = typer.Option(
         True,
         "--schedule/--no-schedule",
@@ -110,7 +116,7 @@ def start_cmd(
     plan = rollout.start(
         name, _candidate(name, candidate), steps=rollout.parse_steps(steps), gate=gate,
         every_s=parse_duration(every), audit=audit or None, min_requests=min_requests,
-        max_wait=max_wait, promote_gate=promote_gate,
+        max_wait=max_wait, promote_gate=promote_gate, scorers=scorer,
     )  # fmt: skip
     try:
         sched = _schedule_ticks(name, plan.every_s, owner) if schedule else None

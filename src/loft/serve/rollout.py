@@ -8,7 +8,9 @@ schedule by ``loft worker``, or by hand) decides once each step's interval has p
 - both arms' live metrics over the step's window come from the server's audit log: ``requests``,
   ``errors`` and ``error_rate`` (status >= 500), ``latency_p50_ms`` and ``latency_p95_ms``,
   ``feedback`` and ``feedback_score`` (the mean of scores posted to ``/v1/feedback``), and with
-  ``log_prompts`` on, ``json_valid`` (the share of completions holding a JSON object);
+  ``log_prompts`` on, ``json_valid`` (the share of completions holding a JSON object) and the mean
+  of any scorer given (``module.path:function``, called as ``function(completion, prompt)``,
+  named after the function);
 - the gate (``loft.evaluate.gates`` expressions: ``error_rate <= champion + 0.01``,
   ``requests >= 50``) runs on them, the candidate against the champion;
 - while either arm has fewer than ``min_requests`` requests, or a metric the gate names is not
@@ -66,6 +68,7 @@ class Plan:
     min_requests: int = 20
     max_wait: int = 4
     promote_gate: str | None = None
+    scorers: list[str] = field(default_factory=list)  # module.path:function, over logged outputs
     step: int = 0
     step_started: float = field(default_factory=time.time)
     started: float = field(default_factory=time.time)
@@ -150,12 +153,16 @@ def start(
     min_requests: int = 20,
     max_wait: int = 4,
     promote_gate: str | Path | None = None,
+    scorers: Sequence[str] = (),
     actor: str | None = None,
 ) -> Plan:
     """Start rolling ``name:candidate`` out: its first step's share of ``name``'s traffic."""
+    from loft.evaluate.run import import_scorer
     from loft.registry import get_split, get_version, set_split
 
     checks = load_gate(gate)  # every bad expression at once, before anything changes
+    for spec in scorers:
+        import_scorer(spec)  # importable now, or refused before traffic moves
     if promote_gate is not None:
         load_gate(promote_gate)
     if every_s < 0 or min_requests < 0 or max_wait < 1:
@@ -187,6 +194,7 @@ def start(
         max_wait=max_wait,
         # resolved now: the decisions run later, as jobs, from another directory
         promote_gate=str(Path(promote_gate).resolve()) if promote_gate is not None else None,
+        scorers=list(scorers),
     )
     set_split(
         name, candidate, plan.share, actor=actor, meta=plan.to_meta(),
@@ -222,13 +230,22 @@ def _records(paths: Iterable[str | Path], since: str, until: str) -> Iterable[di
 
 
 def live_metrics(
-    paths: Iterable[str | Path], refs: Sequence[str], since: float, until: float
+    paths: Iterable[str | Path],
+    refs: Sequence[str],
+    since: float,
+    until: float,
+    scorers: Sequence[str] = (),
 ) -> dict[str, dict[str, float]]:
-    """Each of ``refs``' (``name:version``) metrics from the audit logs over [since, until)."""
+    """Each of ``refs``' (``name:version``) metrics from the audit logs over [since, until);
+    ``scorers`` (``module.path:function``) score each logged completion."""
+    from loft.evaluate.run import import_scorer
+
+    fns = dict(import_scorer(spec) for spec in scorers)
     lat: dict[str, list[float]] = {r: [] for r in refs}
     errors = dict.fromkeys(refs, 0)
     scores: dict[str, list[float]] = {r: [] for r in refs}
     valid: dict[str, list[float]] = {r: [] for r in refs}
+    scored: dict[str, dict[str, list[float]]] = {r: {m: [] for m in fns} for r in refs}
     for rec in _records(paths, _iso(since), _iso(until)):
         ref = rec.get("resolved")
         if ref not in lat:
@@ -247,6 +264,17 @@ def live_metrics(
             from loft.evaluate.scorers import parse_json_object
 
             valid[ref].append(float(parse_json_object(rec["completion"]) is not None))
+            for metric, fn in fns.items():
+                try:
+                    value = float(fn(rec["completion"], rec.get("prompt") or ""))
+                except Exception as e:
+                    raise ConfigError(
+                        f"scorer {metric!r} failed on request {rec.get('request_id')} "
+                        f"({type(e).__name__}: {e})",
+                        hint="Make it return a number for every completion, then run "
+                        "`loft rollout tick` again.",
+                    ) from None
+                scored[ref][metric].append(value)
     out: dict[str, dict[str, float]] = {}
     for ref in refs:
         n = len(lat[ref])
@@ -259,6 +287,9 @@ def live_metrics(
             m["feedback_score"] = sum(scores[ref]) / len(scores[ref])
         if valid[ref]:
             m["json_valid"] = sum(valid[ref]) / len(valid[ref])
+        for metric, values in scored[ref].items():
+            if values:
+                m[metric] = sum(values) / len(values)
         out[ref] = m
     return out
 
@@ -301,9 +332,10 @@ def _missing(plan: Plan, cand: Mapping[str, float], champ: Mapping[str, float]) 
     ]
     if short:
         return "; ".join(short)
+    live = {*LIVE_METRICS, *(spec.rpartition(":")[2] for spec in plan.scorers)}
     for check in parse_gate(plan.gate, source="rollout gate"):
         for arm, m in (("the candidate", cand), ("the champion", champ)):
-            if check.metric in LIVE_METRICS and check.metric not in m:
+            if check.metric in live and check.metric not in m:
                 if arm == "the champion" and not check.relative:
                     continue
                 return f"no {check.metric} measured for {arm} yet"
@@ -324,7 +356,7 @@ def tick(name: str, *, now: float | None = None, actor: str | None = None) -> De
             name, "waiting", f"next decision in {plan.due - now:.0f} s", plan.step, plan.share
         )
     cand_ref, champ_ref = _arms(name, plan)
-    metrics = live_metrics(plan.audit, [cand_ref, champ_ref], plan.step_started, now)
+    metrics = live_metrics(plan.audit, [cand_ref, champ_ref], plan.step_started, now, plan.scorers)
     cand, champ = metrics[cand_ref], metrics[champ_ref]
     step_no = f"step {plan.step + 1}/{len(plan.steps)} ({plan.steps[plan.step]:g}%)"
     missing = _missing(plan, cand, champ)
@@ -405,7 +437,7 @@ def status(name: str, *, now: float | None = None) -> dict[str, Any]:
     if plan is None:
         return {"name": name, "running": False, "split": split}
     cand_ref, champ_ref = _arms(name, plan)
-    metrics = live_metrics(plan.audit, [cand_ref, champ_ref], plan.step_started, now)
+    metrics = live_metrics(plan.audit, [cand_ref, champ_ref], plan.step_started, now, plan.scorers)
     missing = _missing(plan, metrics[cand_ref], metrics[champ_ref])
     checks = parse_gate(plan.gate, source="rollout gate")
     verdict = evaluate_gate(checks, metrics[cand_ref], metrics[champ_ref])
