@@ -163,12 +163,11 @@ def test_bad_schedules_are_refused_with_the_reason(store, tmp_path, capsys):
 def test_a_version_1_queue_is_migrated_in_place(loft_home):
     import sqlite3
 
-    from loft.jobs import JobStore
-    from loft.jobs import store as store_mod
+    from loft.jobs import JobStore, schema
 
     path = loft_home / "jobs.db"
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        for statement in filter(str.strip, store_mod._SCHEMA.split(";")):
+        for statement in filter(str.strip, schema.SCHEMA.split(";")):
             conn.execute(statement)
         conn.execute(
             "INSERT INTO jobs (id, kind, spec, owner, status, created) VALUES"
@@ -182,7 +181,7 @@ def test_a_version_1_queue_is_migrated_in_place(loft_home):
     a = store.submit("eval", {"args": []}, owner="ann", dedup="k")
     assert store.submit("eval", {"args": ["other"]}, owner="bob", dedup="k").id == a.id
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == store_mod.SCHEMA_VERSION
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         assert conn.execute("SELECT COUNT(*) FROM schedules").fetchone()[0] == 0
 
 

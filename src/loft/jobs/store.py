@@ -19,9 +19,8 @@ jobs running first), then age.
 A job may carry a ``dedup`` key (unique: a second insert with the same key inserts nothing and
 returns the first job), its ``pipeline`` id and its ``parent`` job (the pipeline stage before it,
 submitted in the same transaction as that stage's finish). The same database holds the
-``schedules`` of ``loft schedule`` (jobs/schedules.py). Schema versions: 1, the queue; 2, adds
-``dedup``, ``pipeline`` and ``parent`` to ``jobs`` and the ``schedules`` table (an older database
-is migrated in place by the first loft that opens it).
+``schedules`` of ``loft schedule`` (jobs/schedules.py); its tables and their migrations are in
+jobs/schema.py.
 """
 
 from __future__ import annotations
@@ -40,91 +39,11 @@ from typing import Any
 
 from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import loft_home
+from loft.jobs.schema import SCHEMA_VERSION, pg_sql, upgrade
 
-SCHEMA_VERSION = 2
 STATES = ("ADMITTED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 RETRY_ATTEMPTS = 3  # `loft jobs retry` allows this many more attempts
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    resources TEXT NOT NULL DEFAULT '{}',
-    mem_bytes INTEGER NOT NULL DEFAULT 0,
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    max_attempts INTEGER NOT NULL DEFAULT 3,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    worker TEXT,
-    fence INTEGER NOT NULL DEFAULT 0,
-    lease_until REAL,
-    cancel INTEGER NOT NULL DEFAULT 0,
-    progress TEXT NOT NULL DEFAULT '{}',
-    result TEXT NOT NULL DEFAULT '{}',
-    error TEXT,
-    history TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, priority, created);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    capacity_bytes INTEGER NOT NULL,
-    devices TEXT NOT NULL DEFAULT '[]',
-    seen REAL NOT NULL,
-    stopped REAL
-)
-"""
-# version -> the statements that bring the schema from the version before it up to it
-_MIGRATIONS = {
-    2: """
-ALTER TABLE jobs ADD COLUMN dedup TEXT;
-ALTER TABLE jobs ADD COLUMN pipeline TEXT;
-ALTER TABLE jobs ADD COLUMN parent TEXT;
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_dedup ON jobs (dedup);
-CREATE INDEX IF NOT EXISTS jobs_pipeline ON jobs (pipeline);
-CREATE TABLE IF NOT EXISTS schedules (
-    name TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    resources TEXT NOT NULL DEFAULT '{}',
-    max_attempts INTEGER NOT NULL DEFAULT 3,
-    source TEXT,
-    owner TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    cron TEXT,
-    tz TEXT,
-    every_s INTEGER,
-    cond TEXT,
-    data TEXT,
-    created REAL NOT NULL,
-    last_tick REAL,
-    last_job TEXT,
-    fired_tick REAL,
-    fired_job TEXT,
-    last_check TEXT
-)
-"""
-}
-
-
-def _pg_sql(sql: str) -> str:
-    """The schema's SQLite spelling in PostgreSQL's (64-bit floats and byte counts)."""
-    return (
-        sql.replace(" REAL", " DOUBLE PRECISION")
-        .replace("mem_bytes INTEGER", "mem_bytes BIGINT")
-        .replace("capacity_bytes INTEGER", "capacity_bytes BIGINT")
-    )
-
-
-def _statements(sql: str) -> list[str]:
-    return [s for s in sql.split(";") if s.strip()]
 
 
 @dataclass
@@ -372,7 +291,7 @@ class JobStore:
                 conn.execute("ROLLBACK")
                 raise self._too_new(version)
             if version < SCHEMA_VERSION:
-                for statement in self._upgrade(version):
+                for statement in upgrade(version):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -389,8 +308,8 @@ class JobStore:
                 raise self._too_new(row[0])
             version = row[0] if row else 0
             if version < SCHEMA_VERSION:
-                for statement in self._upgrade(version):
-                    conn.execute(_pg_sql(statement))
+                for statement in upgrade(version):
+                    conn.execute(pg_sql(statement))
                 if row:
                     conn.execute("UPDATE loft_jobs_meta SET version = ?", (SCHEMA_VERSION,))
                 else:
@@ -398,14 +317,6 @@ class JobStore:
             conn.execute("COMMIT")
         finally:
             self._close(conn)
-
-    @staticmethod
-    def _upgrade(version: int) -> list[str]:
-        """The statements from schema ``version`` (0: none yet) to SCHEMA_VERSION."""
-        out = _statements(_SCHEMA) if version == 0 else []
-        for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
-            out += _statements(_MIGRATIONS[v])
-        return out
 
     def _too_new(self, version: int) -> ConfigError:
         return ConfigError(
