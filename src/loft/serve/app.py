@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loft.core.errors import (
@@ -46,6 +45,7 @@ from loft.core.errors import (
     http_status_for,
 )
 from loft.core.specs import ServeConfig
+from loft.serve import streams
 from loft.serve.audit import AuditLog
 from loft.serve.feedback import Rating, ResponseIndex, Served
 from loft.serve.keys import KeyRecord, KeyStore, RateLimiter
@@ -59,12 +59,12 @@ from loft.serve.protocol import (
     render_prompt,
     sampling_params,
 )
+from loft.serve.streams import CancelGroup, SSEResponse, sse
 from loft.serve.types import Delta, Engine, SamplingParams, Target
 
 log = logging.getLogger("loft.serve")
 
 CLIENT_CLOSED = 499  # audit/metrics status for a client that went away mid-request
-DISCONNECT_POLL_S = 0.25
 ROUTE_KEY_HEADER = "X-Loft-Route-Key"
 
 
@@ -90,30 +90,6 @@ def begin_drain(app: FastAPI) -> None:
 
 def _state(request: Request) -> ServerState:
     return request.app.state.loft
-
-
-class CancelGroup(threading.Event):
-    """The request's cancel flag; ``child()`` gives each choice its own event, set with it.
-
-    Engines may set the event they were given when their stream ends, so n choices must not
-    share one.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._children: list[threading.Event] = []
-
-    def child(self) -> threading.Event:
-        event = threading.Event()
-        self._children.append(event)
-        if self.is_set():
-            event.set()
-        return event
-
-    def set(self) -> None:
-        super().set()
-        for event in self._children:
-            event.set()
 
 
 def new_request_id() -> str:
@@ -276,68 +252,12 @@ def _check_access(st: ServerState, record: KeyRecord | None, model: str) -> None
         )
 
 
-async def _choices(
-    engine: Engine,
-    target: Target,
-    prompt_ids: list[int],
-    params: list[SamplingParams],
-    cancel: CancelGroup,
-) -> AsyncIterator[tuple[int, Delta]]:
-    """Run one ``generate`` stream per choice concurrently; yield (choice index, delta)."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    end = object()
-
-    async def pump(i: int, p: SamplingParams) -> None:
-        stream = engine.generate(target, prompt_ids, p, cancel.child())
-        try:
-            async for delta in stream:
-                queue.put_nowait((i, delta))
-            queue.put_nowait((i, end))
-        except Exception as e:
-            queue.put_nowait((i, e))
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            try:
-                i, item = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
-                if cancel.is_set():  # client gone: an engine need not end a cancelled stream
-                    return
-                continue
-            if item is end:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        if remaining:
-            cancel.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def error_response(err: BaseException, request_id: str | None = None) -> JSONResponse:
     """The OpenAI-style error response for ``err`` (status from the one error table)."""
     status, body, headers = error_body(err)
     if request_id:
         headers["X-Request-Id"] = request_id
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
-    while not cancel.is_set():
-        if await request.is_disconnected():
-            cancel.set()
-            return
-        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def _headers(ctx: _Ctx, target: Target) -> dict[str, str]:
@@ -375,9 +295,9 @@ async def _complete(
     n = len(params)
     texts, finish = [""] * n, ["length"] * n
     tokens = [0] * n
-    watcher = asyncio.create_task(_watch_disconnect(request, ctx.cancel))
+    watcher = asyncio.create_task(streams.watch_disconnect(request, ctx.cancel))
     try:
-        async for i, d in _choices(st.engine, target, prompt_ids, params, ctx.cancel):
+        async for i, d in streams.choices(st.engine, target, prompt_ids, params, ctx.cancel):
             ctx.take(i, d, texts, tokens)
             if d.finish_reason:
                 finish[i] = d.finish_reason
@@ -405,30 +325,10 @@ async def _complete(
     return JSONResponse(body, headers=_headers(ctx, target))
 
 
-class _SSEResponse(StreamingResponse):
-    """A StreamingResponse that always runs ``on_close``, even when never iterated."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Any, headers: dict[str, str]):
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
-
-
-def _sse(doc: dict[str, Any] | str) -> str:
-    import json
-
-    return f"data: {doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False)}\n\n"
-
-
 def _stream(
     ctx: _Ctx, kind: str, target: Target, prompt_ids: list[int], params: list[SamplingParams],
     include_usage: bool,
-) -> _SSEResponse:  # fmt: skip
+) -> SSEResponse:  # fmt: skip
     st = ctx.st
     n = len(params)
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -447,14 +347,14 @@ def _stream(
         doc = {**base, "choices": [choice]}
         if include_usage:
             doc["usage"] = None
-        return _sse(doc)
+        return sse(doc)
 
     async def events() -> AsyncIterator[str]:
         try:
             if kind == "chat":
                 for i in range(n):
                     yield chunk(i, None, None, role=True)
-            async for i, d in _choices(st.engine, target, prompt_ids, params, ctx.cancel):
+            async for i, d in streams.choices(st.engine, target, prompt_ids, params, ctx.cancel):
                 ctx.take(i, d, texts, tokens)
                 if d.text and (d.finish_reason is None or kind == "chat"):
                     yield chunk(i, d.text, None)
@@ -462,21 +362,21 @@ def _stream(
                     text = d.text if kind != "chat" else None
                     yield chunk(i, text, d.finish_reason)
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(ctx.prompt_tokens, sum(tokens))})
-            yield _sse("[DONE]")
+                yield sse({**base, "choices": [], "usage": _usage(ctx.prompt_tokens, sum(tokens))})
+            yield sse("[DONE]")
             outcome.update(status=200, error=None)
         except Exception as e:  # after the headers went out: report in-band, then stop
             if not isinstance(e, LoftError):
                 log.exception("request %s failed while streaming", ctx.request_id)
             outcome.update(status=http_status_for(e), error=e)
-            yield _sse(error_response(e).body.decode())
+            yield sse(error_response(e).body.decode())
         finally:
             ctx.completion = "\n\n".join(texts) if n > 1 else texts[0]
 
     async def on_close() -> None:
         await ctx.finish(status=outcome["status"], error=outcome["error"])
 
-    return _SSEResponse(events(), on_close, _headers(ctx, target))
+    return SSEResponse(events(), on_close, _headers(ctx, target))
 
 
 async def _generation(request: Request, kind: Literal["chat", "completion"]) -> Response:
