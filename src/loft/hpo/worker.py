@@ -13,12 +13,11 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     name, quota, index = argv[0], int(argv[1]), int(argv[2])
-    from loft.cli.output import err_console
     from loft.core.errors import LoftError, TrainingInterrupted, exit_code_for
     from loft.hpo.study import work
 
     def say(msg: str) -> None:
-        err_console.print(f"[worker {index}] {msg}", markup=False, soft_wrap=True)
+        print(f"[worker {index}] {msg}", file=sys.stderr, flush=True)
 
     try:
         work(name, quota, index, say=say)
