@@ -652,6 +652,21 @@ def test_loft_serve_no_auth_log_prompts_and_concurrency_limit(loft_home: Path, t
         rec = json.loads(audit.read_text().splitlines()[-1])
         assert rec["prompt"] == SECRET and rec["completion"] == completion
         assert rec["key"] == "-"  # no key under --no-auth
+        for seed in range(20):  # a random tiny model: the first seeded answer with text
+            chat = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "max_tokens": 3, "seed": seed,
+                "messages": [{"role": "user", "content": SECRET}],
+            }).json()  # fmt: skip
+            if chat["choices"][0]["message"]["content"].strip():
+                break
+        rated = httpx.post(url + "/v1/feedback", json={"id": chat["id"], "thumbs": "up"})
+        assert rated.status_code == 200, rated.text
+        from loft.data.traffic import from_audit  # the logged chat, rated, is a training record
+
+        [record] = from_audit([audit], min_score=1.0).records
+        answer = chat["choices"][0]["message"]["content"]
+        assert record["messages"] == [{"role": "user", "content": SECRET},
+                                      {"role": "assistant", "content": answer}]  # fmt: skip
         # every operator endpoint is open under --no-auth too (documented in `loft serve --help`)
         assert httpx.get(url + "/v1/loft/status", timeout=30).json()["view"] == "all"
 

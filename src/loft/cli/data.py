@@ -160,6 +160,51 @@ def prepare(
 LAYOUTS = {"paired": "pairs (dpo, orpo, simpo)", "unpaired": "unpaired rows (kto)"}
 
 
+@app.command("from-audit")
+def from_audit_cmd(
+    audit: list[Path] = typer.Argument(
+        None, help="Audit logs (default: LOFT_HOME/serve/audit.jsonl)."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="The chat JSONL to write."),
+    model: str | None = typer.Option(
+        None, "--model", help="Only requests a version of this registered model answered."
+    ),
+    min_score: float | None = typer.Option(
+        None, "--min-score", help="Only requests rated (POST /v1/feedback) at least this, 0-1."
+    ),
+    since: str | None = typer.Option(None, "--since", help="Only requests from this ISO time on."),
+    json_out: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Turn served chat requests back into training records: the request's messages and the
+    answer the model gave, from a server run with `log_prompts: true`.
+
+    With --min-score, only answers clients rated at least that (their mean rating) are kept:
+    production traffic curated by its users, ready for `loft data validate` and a retraining
+    (e.g. a pipeline's train stage reading the file). Prints what was kept and why every other
+    request was left out.
+    """
+    from loft.data.traffic import from_audit, write_records
+
+    paths = list(audit or [])
+    if not paths:
+        from loft.core.specs import ServeConfig
+        from loft.serve.audit import default_audit_path
+
+        paths = [default_audit_path(ServeConfig())]
+    got = from_audit(paths, model=model, min_score=min_score, since=since)
+    write_records(got.records, out)
+    if json_out:
+        print_json({**got.to_dict(), "out": str(out)})
+        return
+    why = ", ".join(f"{n} {reason}" for reason, n in got.skipped.most_common())
+    err_console.print(
+        f"wrote {len(got.records)} records to {out} from {got.read} served chat requests"
+        + (f" (left out: {why})" if why else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 def print_report(report: dict[str, Any], path: Path) -> None:
     c = report
     layout = report.get("layout", "sft")

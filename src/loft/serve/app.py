@@ -115,6 +115,8 @@ class _Ctx:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    n: int | None = None
     completion: str | None = None
     first_token_at: float | None = None
     done: bool = False
@@ -165,7 +167,9 @@ class _Ctx:
                 status=status,
                 error=err_type,
                 stream=self.stream,
+                n=self.n,
                 prompt=self.prompt,
+                messages=self.messages,
                 completion=self.completion,
             )
         except OSError:
@@ -390,7 +394,9 @@ async def _generation(request: Request, kind: Literal["chat", "completion"]) -> 
             st.limiter.check(record)
         _enter_slot(st, ctx)
         req = parse_body(raw, kind)
-        ctx.model, ctx.stream = req.model, req.stream
+        ctx.model, ctx.stream, ctx.n = req.model, req.stream, req.n
+        if kind == "chat":
+            ctx.messages = req.chat_messages()
         _check_access(st, record, req.model)
         params = sampling_params(st.config, req)
         routed = st.engine.acquire(req.model, route_key(request, req.user, record))

@@ -35,10 +35,13 @@ FIELDS = (
     "status",
     "error",
     "stream",
+    "n",
     "about",
     "score",
 )
-TEXT_FIELDS = ("prompt", "completion", "comment")
+# ``messages``: a chat request's messages as sent (what `loft data from-audit` turns back into
+# training records); ``prompt``: the text the model saw, template applied
+TEXT_FIELDS = ("prompt", "messages", "completion", "comment")
 
 
 def default_audit_path(config: ServeConfig) -> Path:
