@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import free_port, linked_home, make_lora_adapter
+from helpers import free_port, linked_home, make_lora_adapter, run_cli
 
 GATE = """gate:
   - requests >= 5
@@ -148,7 +148,7 @@ def test_a_worse_candidate_is_aborted_and_the_champion_gets_all_traffic(server):
 
 
 @pytest.mark.integration
-def test_a_step_waits_for_enough_data_and_gives_up_after_max_wait(server):
+def test_a_step_waits_for_enough_data_and_gives_up_after_max_wait(server, capsys):
     from loft import registry
     from loft.core.errors import ConfigError
     from loft.serve import rollout
@@ -158,16 +158,24 @@ def test_a_step_waits_for_enough_data_and_gives_up_after_max_wait(server):
                       scorers=["no_such_module:f"])  # fmt: skip
     assert registry.get_split("bot") is None
     rollout.start("bot", 2, steps=[50, 100], gate=server["gate"], every_s=0,
-                  audit=[server["audit"]], min_requests=1000, max_wait=2)  # fmt: skip
+                  audit=[server["audit"]], min_requests=1000, max_wait=3)  # fmt: skip
     with pytest.raises(ConfigError, match="one rollout at a time"):
         rollout.start("bot", 2, steps=[50, 100], gate=server["gate"], every_s=0)
     _traffic(server["url"], 6, {"bot:1": 0.5, "bot:2": 0.5}, "e")
     st = rollout.status("bot")
     assert st["running"] and "of 1000 requests" in st["waiting_for"]
+    assert run_cli("rollout", "status", "bot") == 0
+    said = capsys.readouterr().out
+    assert "bot:2 vs bot:1: step 1/2, 50% of traffic" in said and "waiting: the candidate" in said
+    assert "requests" in said and "feedback_score" in said  # the per-version table
+    assert run_cli("rollout", "tick", "bot", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "waiting"
     assert rollout.tick("bot").action == "waiting"
-    assert registry.get_split("bot")["meta"]["rollout"]["waited"] == 1
+    assert registry.get_split("bot")["meta"]["rollout"]["waited"] == 2
     assert rollout.tick("bot", now=time.time() + 1).action == "aborted"
     assert registry.get_split("bot") is None
+    assert run_cli("rollout", "abort", "bot") == 2  # nothing left to abort
+    assert "no rollout of bot is running" in capsys.readouterr().err
 
 
 @pytest.mark.unit
