@@ -16,6 +16,8 @@ The config (YAML) keys, with defaults (every key of the schema, loft.core.specs.
 
 Relative paths are resolved against the config file's directory. The run directory is printed as
 the last line. Ctrl-C (or SIGTERM) saves a checkpoint and exits; add --resume to continue.
+With training.distributed.nproc > 1 the command runs itself as that many torchrun ranks; their
+logs are kept in the run directory's logs/.
 """
 
 
@@ -40,6 +42,17 @@ def register(root: typer.Typer) -> None:
 
         cfg = load_config(config, set_)
         from loft.cli.output import console
+        from loft.train.launch import launch, needs_launch
+
+        if needs_launch(cfg):  # training.distributed.nproc > 1: run this command as its ranks
+            command = ["train", str(config.resolve()), *(a for s in set_ for a in ("--set", s))]
+            flags = (("--resume", resume), ("-q", quiet), ("--force", force))
+            command += [flag for flag, on in flags if on]
+            code, run_dir = launch(cfg, command, resume=resume)
+            if code:
+                raise typer.Exit(code)
+            print(run_dir)
+            return
         from loft.train import train
 
         result = train(cfg, resume=resume, progress=not quiet, force=force)

@@ -81,6 +81,28 @@ class LoraSpec(Strict):
         return v
 
 
+class DistributedSpec(Strict):
+    """Data-parallel training on one machine: ``loft train`` starts ``nproc`` ranks under torchrun
+    (or runs as one rank when torchrun started it). The global batch is the single-process one."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none",
+        description="none: one process; ddp: every rank holds the model, gradients are summed; "
+        "fsdp: FSDP2 shards each decoder layer's weights, gradients and optimizer state.",
+    )
+    nproc: int = Field(
+        1, ge=1, le=1024, description="Ranks on this machine (one per GPU on CUDA); > 1 needs ddp "
+        "or fsdp.",
+    )  # fmt: skip
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collectives' backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="torchrun restarts every rank this often after a failure; "
+        "each restart resumes from the run's newest checkpoint.",
+    )  # fmt: skip
+
+
 class TrainingSpec(Strict):
     epochs: float = Field(1, gt=0, description="Passes over the training split (may be 0.5).")
     max_steps: int | None = Field(
@@ -116,6 +138,9 @@ class TrainingSpec(Strict):
         description="Deterministic algorithms (torch.use_deterministic_algorithms, "
         "CUBLAS_WORKSPACE_CONFIG): a resumed GPU run is bit-exact with an uninterrupted one, at "
         "some speed; a CPU run is deterministic without it.",
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Ranks and how they share the model."
     )
 
 
@@ -320,9 +345,41 @@ def combination_problems(get: Callable[[str], Any]) -> list[tuple[str, str]]:
         out.append(("preference.reference", f"{obj} has no reference model; remove this key"))
     if obj in REFERENCE_OBJECTIVES and ref == "init" and not get("init_from"):
         out.append(("preference.reference", "'init' needs init_from (the model to start from)"))
+    out += _distributed_problems(get, obj)
     loss_type = get("preference.loss_type")
     if obj != "dpo" and loss_type not in (None, "sigmoid"):
         out.append(("preference.loss_type", f"is a DPO setting, and the objective is {obj}"))
+    return out
+
+
+def _distributed_problems(get: Callable[[str], Any], obj: Any) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    strategy, nproc = get("training.distributed.strategy"), get("training.distributed.nproc")
+    if isinstance(nproc, int) and nproc > 1 and strategy == "none":
+        out.append(
+            (
+                "training.distributed.nproc",
+                f"{nproc} ranks need a strategy: set training.distributed.strategy to ddp or fsdp "
+                "(or nproc to 1)",
+            )
+        )
+    if strategy not in (None, "none"):
+        if get("method") == "qlora" and strategy == "fsdp":
+            out.append(
+                (
+                    "training.distributed.strategy",
+                    "fsdp cannot shard QLoRA's 4-bit base (bitsandbytes stores it packed, which "
+                    "fully_shard cannot split): use strategy ddp, or method lora",
+                )
+            )
+        if obj not in (None, "sft"):
+            out.append(
+                (
+                    "training.distributed.strategy",
+                    f"objective {obj} trains on one process in this release (its reference pass "
+                    "and KTO's per-micro-batch KL are not sharded yet): set strategy to none",
+                )
+            )
     return out
 
 

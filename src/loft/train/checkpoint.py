@@ -55,11 +55,17 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
+    trainable: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """``trainable`` and ``optimizer_state``, when given, replace the model's and the optimizer's
+    own (a sharded run passes them gathered, so the checkpoint has the single-process format)."""
     final = run_dir / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(final, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        params = trainable if trainable is not None else trainable_state(model)
+        save_file(params, str(tmp / "trainable.safetensors"))
+        opt = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save(opt, tmp / "optimizer.pt")
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state()
@@ -73,8 +79,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    place: Any = None,
 ) -> Checkpoint:
+    """Restore a checkpoint into the model, optimizer and scheduler. ``place`` (a sharded run's
+    ``loft.train.distributed`` module) lays the saved whole tensors out as this rank's shards."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         params = load_file(str(path / "trainable.safetensors"))
@@ -95,7 +108,9 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for n, t in params.items():
-            named[n].copy_(t)
+            named[n].copy_(place.place_like(named[n], t) if place is not None else t)
+    if place is not None:
+        opt_state = place.place_optimizer_state(optimizer, opt_state)
     optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict({**scheduler.state_dict(), **state.get("scheduler", {})})
     torch.set_rng_state(rng["torch_cpu"])

@@ -55,11 +55,13 @@ def data_params(dataset: Any) -> dict[str, Any]:
     }
 
 
-def save_output(config, model, tokenizer, run_dir, info, dataset, metrics) -> Path:
-    """The adapter (or full model) with its tokenizer, chat template and lineage.json."""
+def save_output(config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=None) -> Path:
+    """The adapter (or full model) with its tokenizer, chat template and lineage.json.
+    ``state_dict``: the trained weights gathered whole (a sharded run), instead of the model's."""
     final = run_dir / ("model" if config.method == "full" else "adapter")
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
     with atomic_dir(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
         lineage = rundir.lineage(config=config, model_info=info, dataset=dataset, metrics=metrics)
         atomic_write_json(tmp / "lineage.json", lineage)

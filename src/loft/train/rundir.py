@@ -32,8 +32,17 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _training_doc(doc: dict) -> dict:
+    """A config document without what does not change the result: where it goes, and how many
+    ranks compute it (a run resumes on any number of ranks)."""
+    out = {k: v for k, v in doc.items() if k not in _NOT_TRAINING}
+    if isinstance(out.get("training"), dict):
+        out["training"] = {k: v for k, v in out["training"].items() if k != "distributed"}
+    return out
+
+
 def config_digest(config: TrainConfig) -> str:
-    doc = config.model_dump(mode="json", exclude=set(_NOT_TRAINING))
+    doc = _training_doc(config.model_dump(mode="json"))
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -70,7 +79,7 @@ def find_resume_dir(config: TrainConfig) -> Path:
                 f"--resume: {run_dir} holds no run (no {RESOLVED}).",
                 hint="Drop --resume to start a new run there.",
             )
-        _check_same(run_dir, config)
+        check_same(run_dir, config)
         return run_dir
     digest = config_digest(config)
     for run_dir in sorted(runs_dir().iterdir(), key=lambda p: p.name, reverse=True):
@@ -91,13 +100,10 @@ def find_resume_dir(config: TrainConfig) -> Path:
     )
 
 
-def _check_same(run_dir: Path, config: TrainConfig) -> None:
+def check_same(run_dir: Path, config: TrainConfig) -> None:
     past = yaml.safe_load((run_dir / RESOLVED).read_text())
     now = config.model_dump(mode="json")
-    diffs = _diff(
-        {k: v for k, v in past.items() if k not in _NOT_TRAINING},
-        {k: v for k, v in now.items() if k not in _NOT_TRAINING},
-    )
+    diffs = _diff(_training_doc(past), _training_doc(now))
     if diffs:
         raise ConfigError(
             f"--resume: the config differs from the one {run_dir} was started with:\n"

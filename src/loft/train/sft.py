@@ -8,11 +8,10 @@ SmolLM2-135M (bench/train_throughput.py): see the README's performance section.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,13 @@ from loft.core.errors import (
     HardwareError,
     LoftError,
     RunPruned,
-    TrainingDiverged,
     TrainingInterrupted,
 )
 from loft.core.paths import runs_dir
 from loft.core.specs import TrainConfig
 from loft.data.packing import collate, count_label_tokens
-from loft.train import outputs, rundir
-from loft.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from loft.train import distributed, outputs, rundir
+from loft.train.checkpoint import checkpoint_dirs, load_checkpoint
 from loft.train.device import (
     Placement,
     determinism,
@@ -40,6 +38,8 @@ from loft.train.device import (
     peak_memory_bytes,
     plan_placement,
 )
+from loft.train.distributed import Ranks
+from loft.train.loop import StepLoop
 from loft.train.loss import loss_sum
 from loft.train.model_setup import build_model, count_params, init_version
 from loft.train.preflight import refuse_if_too_big, run_preflight
@@ -121,25 +121,60 @@ def train(
     """
     started = time.time()
     placement = plan_placement(config)  # refuses impossible configs before anything is loaded
-    _check_data(config)  # every bad record is reported before a model is converted or loaded
-    run_dir = rundir.find_resume_dir(config) if resume else _new_run_dir(config)
-    run_id = run_dir.name
-    rundir.write_resolved(run_dir, config)
-    summary = {**rundir.read_summary(run_dir), "run_id": run_id, "status": "running"}
-    summary.update(method=config.method, base_model=config.base_model, run_dir=str(run_dir))
-    rundir.write_summary(run_dir, summary)
+    ranks = distributed.setup(config, placement.device)  # one rank of several, under torchrun
     try:
-        with determinism(placement):  # before the model is built: cuBLAS reads it at its start
-            return _train(
-                config, run_dir, summary, placement, resume, progress, tracker, started, force,
-                on_eval, tags,
-            )  # fmt: skip
-    except BaseException as e:
-        if rundir.read_summary(run_dir).get("status") == "running":  # failed before the loop
-            interrupted = isinstance(e, KeyboardInterrupt | TrainingInterrupted)
-            summary["status"] = "interrupted" if interrupted else "failed"
-            rundir.write_summary(run_dir, summary)
-        raise
+        if ranks.fsdp and placement.grad_scaler:
+            raise HardwareError(
+                "fsdp with fp16 autocast (a GPU without native bf16) is not supported: the "
+                "gradient scaler would see only this rank's shard of the gradients.",
+                hint="Use --set training.distributed.strategy=ddp, or training.precision=fp32.",
+            )
+        _check_data(config)  # every bad record is reported before a model is converted or loaded
+        resume = resume or distributed.restarted()  # torchrun restarts resume the checkpoint
+        run_dir = _run_dir(config, resume, ranks)
+        run_id = run_dir.name
+        if ranks.main:
+            rundir.write_resolved(run_dir, config)
+        summary = {**rundir.read_summary(run_dir), "run_id": run_id, "status": "running"}
+        summary.update(method=config.method, base_model=config.base_model, run_dir=str(run_dir))
+        if ranks.active:
+            summary["distributed"] = {"strategy": ranks.strategy, "world_size": ranks.world}
+        _write_summary(ranks, run_dir, summary)
+        try:
+            with determinism(placement):  # before the model is built: cuBLAS reads it at start
+                return _train(
+                    config, run_dir, summary, placement, resume, progress, tracker, started,
+                    force, on_eval, tags, ranks,
+                )  # fmt: skip
+        except BaseException as e:
+            if ranks.main and rundir.read_summary(run_dir).get("status") == "running":
+                interrupted = isinstance(e, KeyboardInterrupt | TrainingInterrupted)
+                summary["status"] = "interrupted" if interrupted else "failed"
+                rundir.write_summary(run_dir, summary)  # failed before the loop
+            raise
+    finally:
+        distributed.teardown(ranks)
+
+
+def _run_dir(config: TrainConfig, resume: bool, ranks: Ranks) -> Path:
+    """Rank 0 finds (--resume) or makes the run directory, and tells the other ranks. Under
+    ``loft train``'s launcher it is already chosen (LOFT_RUN_DIR)."""
+    run_dir: Path | None = None
+    if ranks.main:
+        chosen = os.environ.get(distributed.RUN_DIR_ENV) if ranks.active else None
+        if chosen:
+            run_dir = Path(chosen)
+            if resume and (run_dir / rundir.RESOLVED).is_file():
+                rundir.check_same(run_dir, config)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = rundir.find_resume_dir(config) if resume else _new_run_dir(config)
+    return Path(ranks.broadcast(str(run_dir) if run_dir is not None else None))
+
+
+def _write_summary(ranks: Ranks, run_dir: Path, summary: dict) -> None:
+    if ranks.main:
+        rundir.write_summary(run_dir, summary)
 
 
 def _check_data(config: TrainConfig) -> None:
@@ -165,15 +200,19 @@ def _train(
     force,
     on_eval=None,
     tags=None,
+    ranks: Ranks | None = None,
 ) -> RunResult:
+    ranks = ranks or Ranks()
     run_id = run_dir.name
     from loft.models import load_tokenizer, resolve_model
 
-    info = resolve_model(config.base_model)
-    init = init_version(config, info)  # the registered version to continue from, verified
-    tokenizer = load_tokenizer(info)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    objective = _objective(config, tokenizer, pad_id, placement, progress, info, init)
+    progress = progress and ranks.main
+    with ranks.main_first():  # rank 0 converts the model and prepares the data, once
+        info = resolve_model(config.base_model)
+        init = init_version(config, info)  # the registered version to continue from, verified
+        tokenizer = load_tokenizer(info)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        objective = _objective(config, tokenizer, pad_id, placement, progress, info, init)
     dataset = objective.dataset
     n_train = objective.size("train")
     if not n_train:
@@ -182,20 +221,25 @@ def _train(
     plan = make_plan(config, n_train)
     pre = objective.preflight(config, placement, plan)
     summary["memory_estimate"] = pre.to_dict()
-    rundir.write_summary(run_dir, summary)
+    _write_summary(ranks, run_dir, summary)
     if not force:
         try:
             refuse_if_too_big(pre, config)
         except HardwareError:
-            if not resume:  # the run never started: leave no run dir to trip over on the retry
+            if not resume and ranks.main:  # never started: leave no run dir to trip over
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
     torch.manual_seed(config.training.seed)
     model = build_model(config, info, placement, init)
     trainable, total = count_params(model)
+    layers = distributed.shard_model(model, ranks) if ranks.fsdp else []
     optimizer, scheduler = _optimizer(config, model, plan.total_steps)
 
+    if tracker is None and not ranks.main:
+        from loft.tracking import NullTracker
+
+        tracker = NullTracker()  # rank 0 tracks the run
     if tracker is None:
         tracker = outputs.open_tracker(config, run_id, summary.get("mlflow_run_id"), tags)
     # before a checkpoint is loaded: the model is still as it started (the reference, if any)
@@ -210,7 +254,13 @@ def _train(
     state = {"train_tokens": 0, "recent_losses": [], "eval_loss": None, "train_s": 0.0}
     start_step, resumed_from = 0, None
     if resume and (ckpts := checkpoint_dirs(run_dir)):
-        ck = load_checkpoint(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler)
+        ck = load_checkpoint(
+            ckpts[-1],
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            place=distributed if ranks.fsdp else None,
+        )
         start_step, state, resumed_from = ck.step, {**state, **ck.state}, ck.path.name
     else:
         tracker.log_params(
@@ -224,9 +274,10 @@ def _train(
     # and (when it ends) how many steps it ran; a SIGKILLed process leaves only its start
     session = {"started": rundir.now_iso(), "start_step": start_step, "resumed_from": resumed_from}
     summary["sessions"] = [*summary.get("sessions", []), session]
-    rundir.write_summary(run_dir, summary)
+    _write_summary(ranks, run_dir, summary)
 
-    loop = _Loop(config, model, optimizer, scheduler, plan, placement, objective, tracker)
+    loop = StepLoop(config, model, optimizer, scheduler, plan, placement, objective, tracker, ranks)
+    loop.layers = layers
     loop.on_eval = on_eval
     if loop.scaler is not None and state.get("grad_scaler"):
         loop.scaler.load_state_dict(state["grad_scaler"])
@@ -241,6 +292,7 @@ def _train(
         f"run {run_id}: {objective.describe(config.method)} on {info.name} ({trainable:,} of "
         f"{total:,} params trainable), {n_train:,} {objective.unit}, {plan.total_steps} steps, "
         f"{placement.describe()}"
+        + (f", {ranks.strategy} on {ranks.world} ranks" if ranks.active else "")
     )
     status = "failed"
     try:
@@ -270,13 +322,18 @@ def _train(
                 "final_train_loss": summary["final_train_loss"],
                 "eval_loss": state["eval_loss"],
             }
-            summary["output_path"] = str(
-                outputs.save_output(config, model, tokenizer, run_dir, info, dataset, metrics)
-            )
+            # sharded: every rank gathers; rank 0 writes the single-process format, once
+            whole = distributed.full_trainable_state(model) if ranks.fsdp else None
+            if ranks.main:
+                path = outputs.save_output(
+                    config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=whole
+                )
+                summary["output_path"] = str(path)
+                rundir.write_summary(run_dir, summary)
+                summary.update(outputs.register_run(config, run_dir, bar))
+        if ranks.main:
             rundir.write_summary(run_dir, summary)
-            summary.update(outputs.register_run(config, run_dir, bar))
-        rundir.write_summary(run_dir, summary)
-        outputs.finish_tracker(tracker, run_dir, dataset, status)
+            outputs.finish_tracker(tracker, run_dir, dataset, status)
     return RunResult(run_dir=run_dir, summary=summary)
 
 
@@ -346,161 +403,6 @@ def _objective(config: TrainConfig, tokenizer, pad_id: int, placement, progress,
     return PreferenceObjective(config, tokenizer, placement, progress, info=info, init=init)
 
 
-def _add(sums: dict[str, tuple[float, float]], more: dict[str, tuple[float, float]]) -> None:
-    for k, (v, n) in more.items():
-        a, m = sums.get(k, (0.0, 0.0))
-        sums[k] = (a + v, m + n)
-
-
-class _Loop:
-    def __init__(self, config, model, optimizer, scheduler, plan, placement, objective, tracker):
-        self.config, self.model, self.opt, self.sched = config, model, optimizer, scheduler
-        self.plan, self.placement, self.obj, self.tracker = plan, placement, objective, tracker
-        self.session_tokens = 0
-        self.session_s = 0.0
-        self.steps_run = 0  # optimizer steps taken by this process
-        self.on_eval: Callable[[int, float], None] | None = None  # e.g. a study's pruner
-        # fp16 autocast (GPUs without native bf16): scale the loss so small gradients survive
-        self.scaler = torch.amp.GradScaler(placement.device) if placement.grad_scaler else None
-
-    def _autocast(self):
-        dtype = self.placement.autocast_dtype
-        if dtype is not None:
-            return torch.autocast(self.placement.device, dtype=dtype)
-        return contextlib.nullcontext()
-
-    def step(self, step: int) -> tuple[float, int, dict[str, float]]:
-        """One optimizer step over grad_accum micro-batches; the loss is normalised over the
-        whole step's count (label tokens for SFT, pairs or examples for preference objectives),
-        so micro-batching does not change the gradient. A NaN or infinite loss takes no step."""
-        batches = [self.obj.batch("train", mb) for mb in self.plan.micro_batches(step)]
-        n_total = max(sum(self.obj.count(b) for b in batches), 1)
-        total_loss = 0.0
-        sums: dict[str, tuple[float, float]] = {}
-        scaler = self.scaler
-        for b in batches:
-            with self._autocast():
-                ls, more = self.obj.loss(self.model, b)
-            scaled = ls / n_total
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            total_loss += float(ls.detach())
-            _add(sums, more)
-        loss = total_loss / n_total
-        if not math.isfinite(loss):
-            self.opt.zero_grad(set_to_none=True)
-            raise _NonFinite(loss)
-        if scaler:
-            scaler.unscale_(self.opt)  # clip the true gradients
-        clip = self.config.training.max_grad_norm
-        if clip:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], clip
-            )
-        if scaler:
-            scaler.step(self.opt)  # skips the step when a gradient overflowed
-            scaler.update()
-        else:
-            self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        tokens = sum(b["num_tokens"] for b in batches)
-        return loss, tokens, self.obj.step_metrics(sums)
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float | None, dict[str, float]]:
-        n_rows = self.obj.size("eval")
-        if not n_rows:
-            return None, {}
-        self.model.eval()
-        mbs = self.config.training.micro_batch_size
-        total, n = 0.0, 0
-        sums: dict[str, tuple[float, float]] = {}
-        for i in range(0, n_rows, mbs):
-            b = self.obj.batch("eval", list(range(i, min(i + mbs, n_rows))))
-            with self._autocast():
-                ls, more = self.obj.loss(self.model, b)
-            total, n = total + float(ls), n + self.obj.count(b)
-            _add(sums, more)
-        self.model.train()
-        return total / max(n, 1), self.obj.step_metrics(sums)
-
-    def run(self, start_step, state, run_dir, bar, stop) -> None:
-        t = self.config.training
-        total = self.plan.total_steps
-        recent = deque(state["recent_losses"], maxlen=10)
-        self.model.train()
-        for step in range(start_step, total):
-            if stop.requested:
-                self._save(run_dir, step, state, recent)
-                raise TrainingInterrupted(
-                    f"{stop.requested}: stopped at step {step}/{total}; checkpoint saved in "
-                    f"{run_dir / 'checkpoints'}.",
-                    hint="Continue with the same command plus --resume.",
-                )
-            t0 = time.perf_counter()
-            try:
-                loss, ntok, extra = self.step(step)
-            except _NonFinite as e:
-                self._save(run_dir, step, state, recent)
-                raise TrainingDiverged(
-                    f"step {step + 1}/{total}: the loss is {e.value}; the step was not taken. "
-                    f"Checkpoint of the weights before it: {run_dir / 'checkpoints'}"
-                    f"/step-{step:08d}.",
-                    hint="Lower training.lr (or raise warmup_ratio), check the data of this step "
-                    "(`loft data validate`), then continue with --resume, or start over.",
-                ) from None
-            dt = time.perf_counter() - t0
-            self.steps_run += 1
-            self.session_tokens += ntok
-            self.session_s += dt
-            state["train_tokens"] += ntok
-            state["train_s"] += dt
-            recent.append(loss)
-            done = step + 1
-            tok_s = self.session_tokens / max(self.session_s, 1e-9)
-            lr = self.sched.get_last_lr()[0]
-            metrics = {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s}
-            metrics.update({f"train/{k}": v for k, v in extra.items()})
-            if self.obj.size("eval") and (done % t.eval_every == 0 or done == total):
-                state["eval_loss"], eval_extra = self.evaluate()
-                metrics["eval/loss"] = state["eval_loss"]
-                metrics.update({f"eval/{k}": v for k, v in eval_extra.items()})
-                bar.note(f"step {done}: eval loss {state['eval_loss']:.4f}")
-            self.obj.watch(done, total, extra, bar)
-            self.tracker.log_metrics(metrics, step=done)
-            if self.on_eval is not None and "eval/loss" in metrics:
-                try:
-                    self.on_eval(done, state["eval_loss"])
-                except RunPruned:
-                    self._save(run_dir, done, state, recent)
-                    raise
-            eta = (total - done) * self.session_s / max(done - start_step, 1)
-            bar.update(done, loss, tok_s, lr, eta, extra=self.obj.progress(extra))
-            if done % t.save_every == 0 and done < total:
-                self._save(run_dir, done, state, recent)
-        state["recent_losses"] = list(recent)
-
-    def _save(self, run_dir: Path, step: int, state: dict, recent: deque) -> None:
-        state["recent_losses"] = list(recent)
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
-        save_checkpoint(
-            run_dir,
-            step=step,
-            model=self.model,
-            optimizer=self.opt,
-            scheduler=self.sched,
-            state=state,
-            keep=self.config.training.keep_checkpoints,
-        )
-
-
-class _NonFinite(Exception):
-    def __init__(self, value: float) -> None:
-        super().__init__(value)
-        self.value = value
-
-
 def _rows(ds: Any) -> list[dict]:
     cols = ds.select_columns(["input_ids", "labels"])
     return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in cols]
@@ -534,7 +436,7 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _summary_metrics(state: dict, loop: _Loop, placement: Placement, started: float) -> dict:
+def _summary_metrics(state: dict, loop: StepLoop, placement: Placement, started: float) -> dict:
     recent = state.get("recent_losses") or []
     return {
         "train_tokens": state["train_tokens"],
