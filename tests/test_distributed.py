@@ -9,17 +9,21 @@ single-process run differ by ~1e-5 in the adapter), which is not what these test
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import run_loft
+from helpers import descendants, kill_tree, run_loft, start_loft
 from loft.core.config import validate_config
 from loft.core.errors import ConfigError, HardwareError
 from loft.train import distributed
+from loft.train.checkpoint import checkpoint_dirs
 from test_train import tiny_config
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -219,3 +223,85 @@ def test_fsdp_checkpoint_resumes_on_one_rank(tmp_path, loft_home, reference):
     assert summary["sessions"][-1]["resumed_from"] == "step-00000002"
     assert summary["sessions"][-1]["steps_run"] == STEPS - 2
     assert _max_diff(_adapter(out), ref_adapter) <= 1e-5
+
+
+# ---------------------------------------------------------------- a rank killed under torchrun
+
+KILL_STEPS = 24
+
+
+def _rank_pid(agent: int, local_rank: int) -> int | None:
+    """The pid of ``local_rank``'s process of the first attempt, below torchrun's agent: the
+    process whose environment names that rank and whose parent's does not."""
+
+    def environ(pid: int) -> dict[str, str]:
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return {}
+        pairs = raw.decode(errors="replace").split("\0")
+        return dict(kv.split("=", 1) for kv in pairs if "=" in kv)
+
+    def parent(pid: int) -> int:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return -1
+
+    for pid in descendants(agent):
+        env = environ(pid)
+        if (
+            env.get("LOCAL_RANK") == str(local_rank)
+            and env.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            and "LOCAL_RANK" not in environ(parent(pid))
+        ):
+            return pid
+    return None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
+    tmp_path, loft_home, tiny_model, victim
+):
+    """A rank SIGKILLed after the first checkpoint: torchrun (max_restarts 1) restarts both
+    ranks, they resume from the newest checkpoint, and the run ends with the adapter an
+    uninterrupted single-process run writes (max abs diff <= 1e-5). Rank 0 (the run directory,
+    the MLflow run) and rank 1 are each killed once."""
+    cfg = tiny_config(tmp_path / "ref", tiny_model, max_steps=KILL_STEPS, micro_batch_size=2)
+    cfg["training"].update(grad_accum=3, save_every=4, eval_every=KILL_STEPS)
+    cfg["register"] = False
+    reference = _adapter(_train(tmp_path / "ref", cfg))
+
+    run_dir = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    dist = {"strategy": "ddp", "nproc": 2, "max_restarts": 1}
+    training = {**cfg["training"], "distributed": dist}
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(run_dir), "training": training}))
+    proc = start_loft("train", str(path), "-q", env=ONE_THREAD)
+    try:
+        deadline = time.monotonic() + 300
+        pid = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            pid = pid or _rank_pid(proc.pid, victim)
+            if pid and checkpoint_dirs(run_dir):
+                break
+            time.sleep(0.02)
+        assert pid and checkpoint_dirs(run_dir), proc.communicate(timeout=60)[1][-4000:]
+        killed_after = checkpoint_dirs(run_dir)[-1].name
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0, err[-4000:]
+    assert Path(out.strip().splitlines()[-1]) == run_dir
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == KILL_STEPS
+    first, resumed = summary["sessions"]
+    assert first["start_step"] == 0 and resumed["resumed_from"] is not None
+    assert killed_after <= resumed["resumed_from"] < f"step-{KILL_STEPS:08d}"
+    assert resumed["steps_run"] == KILL_STEPS - resumed["start_step"] < KILL_STEPS
+    attempts = sorted(p.name for p in (run_dir / "logs").glob("*/attempt_*"))
+    assert attempts == ["attempt_0", "attempt_1"]  # both attempts' logs are kept
+    assert _max_diff(_adapter(run_dir), reference) <= 1e-5

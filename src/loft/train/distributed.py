@@ -181,7 +181,12 @@ def setup(config: TrainConfig, device: str) -> Ranks:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(config, cuda))
+        backend, store = backend_for(config, cuda), _attempt_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = None
     if strategy == "fsdp" and world > 1:
@@ -189,6 +194,28 @@ def setup(config: TrainConfig, device: str) -> Ranks:
 
         mesh = init_device_mesh(device, (world,))
     return Ranks(rank, world, strategy, mesh, device)
+
+
+def _attempt_store() -> Any:
+    """This attempt's own key space in torchrun's shared store, or None (torch's default).
+
+    torchrun's ranks connect to the agent's TCP store, the same server for every restart, with no
+    per-attempt prefix: a restarted rank would read the dead ranks' gloo addresses and fail with
+    "Connection refused". A prefix per restart count gives each attempt fresh keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # rank 0 hosts a new store every attempt
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=dist.constants.default_pg_timeout,
+    )
+    return dist.PrefixStore(
+        f"loft/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+    )
 
 
 def teardown(ranks: Ranks) -> None:
