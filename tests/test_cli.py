@@ -229,3 +229,12 @@ def test_help_lists_every_config_key_with_its_default(cmd, schema):
             assert listed[key] == "<required>", key
         else:
             assert yaml.safe_load(listed[key]) == default, (key, listed[key], default)
+
+
+@pytest.mark.unit
+def test_an_error_naming_brackets_is_printed_as_is(loft_home):
+    """Messages quote user input and library errors (gloo's `[/__w/...]`): rich must print them,
+    not parse them as markup (a MarkupError instead of the one-line error)."""
+    r = run_loft("registry", "show", "no[/x]such[/]", home=loft_home)
+    assert r.returncode == 2, r.stderr
+    assert "invalid model name 'no[/x]such[/]'" in r.stderr and "Traceback" not in r.stderr

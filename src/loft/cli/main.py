@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         # standalone mode: typer/click print usage errors themselves and exit 2
         app(args=argv, standalone_mode=True, prog_name="loft")
     except LoftError as e:
+        from rich.markup import escape
+
         from loft.cli.output import err_console
 
         if debug:  # the traceback too, and still the exit code the error means
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
 
-        err_console.print(f"[bold red]error:[/] {e.message}", markup=True, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.message)}", markup=True, soft_wrap=True)
         if e.hint:
             err_console.print(e.hint, markup=False, soft_wrap=True)
         sys.exit(exit_code_for(e))
@@ -124,10 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # an internal failure: say so briefly unless --debug
         if debug:
             raise
+        from rich.markup import escape
+
         from loft.cli.output import err_console
 
         err_console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e}\n"
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n"
             "Run again with --debug for the traceback, and report it if it persists.",
             soft_wrap=True,
         )
