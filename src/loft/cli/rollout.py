@@ -37,6 +37,7 @@ def _candidate(name: str, text: str) -> int:
 
 def _schedule_ticks(name: str, every_s: float, owner: str | None) -> str:
     """The interval schedule that runs `loft rollout tick NAME` as a job on the workers."""
+    from loft.cli.jobs import _owner
     from loft.jobs import JobStore
     from loft.jobs.schedules import add_schedule
 
@@ -53,13 +54,6 @@ def _unschedule(name: str) -> None:
     from loft.jobs.schedules import remove_schedule
 
     remove_schedule(JobStore(), TICK_SCHEDULE.format(name=name))
-
-
-def _owner(owner: str | None) -> str:
-    import getpass
-    import os
-
-    return owner or os.environ.get("LOFT_USER") or getpass.getuser()
 
 
 @app.command("start")

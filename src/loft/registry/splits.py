@@ -31,7 +31,7 @@ from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.registry.aliases import _who, append_history
 from loft.registry.names import check_name
 from loft.registry.reader import MlflowReader, RegistryReader
-from loft.registry.store import _lock, client, get_version, reader
+from loft.registry.store import _lock, client, get_version, not_registered, reader
 
 log = logging.getLogger("loft.registry")
 
@@ -177,10 +177,7 @@ def clear_split(
 def _facts(r: RegistryReader, name: str) -> tuple[dict[str, int], dict[str, str]]:
     got = r.aliases_and_tags(name)
     if got is None:
-        raise NotFoundError(
-            f"model {name!r} is not in the model registry.",
-            hint="See registered models with `loft registry list`.",
-        )
+        raise not_registered(name)
     return got
 
 

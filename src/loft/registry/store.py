@@ -98,13 +98,17 @@ def reader() -> RegistryReader:
     return fast if fast is not None else MlflowReader(client())
 
 
+def not_registered(name: str) -> NotFoundError:
+    return NotFoundError(
+        f"model {name!r} is not in the model registry.",
+        hint="See registered models with `loft registry list`.",
+    )
+
+
 def _aliases(r: RegistryReader, name: str) -> dict[str, int]:
     aliases = r.aliases(name)
     if aliases is None:
-        raise NotFoundError(
-            f"model {name!r} is not in the model registry.",
-            hint="See registered models with `loft registry list`.",
-        )
+        raise not_registered(name)
     return aliases
 
 
