@@ -17,7 +17,9 @@ For each it reports:
 - **tokens/s**: trained (non-padding) tokens of all ranks over rank 0's time in the steps (the
   run summary's tokens_per_s; model loading and startup excluded);
 - **peak RSS per rank**: each rank's VmHWM, read from /proc while it runs (the process itself
-  for the single run), in MiB;
+  for the single run), in MiB, beside the planner's per-rank estimate that rank 0's pre-flight
+  recorded in run_summary.json (``memory_estimate``: fsdp is ZeRO-3 over the ranks, ddp one
+  replica each) and each rank's share of the RAM the pre-flight checked it against;
 - **wall**: the whole command, startup and model loading included.
 
 The first of ``--runs`` is the reference of the loss comparison. A table goes to stdout, then
@@ -128,6 +130,8 @@ def run(name: str, args: argparse.Namespace, home: Path, work: Path, sets: list[
         "tokens_per_s": summary["tokens_per_s"],
         "train_tokens": summary["train_tokens"],
         "peak_rss_mib": [round(peaks[r] / 2**20) for r in sorted(peaks)],
+        "estimate_mib": round(summary["memory_estimate"]["total_bytes"] / 2**20),
+        "capacity_mib": round(summary["memory_estimate"]["capacity_bytes"] / 2**20),
         "wall_s": round(wall, 1),
     }
 
@@ -178,13 +182,13 @@ def main() -> None:
     if not args.json:
         print(f"{args.records} records, {args.steps} steps of 8 examples, {os.cpu_count()} cores")
         head = f"{'run':<8}{'ranks x threads':>16}{'max rel loss diff':>19}{'tokens/s':>10}"
-        print(head + f"{'peak RSS MiB/rank':>19}{'wall s':>8}")
+        print(head + f"{'peak RSS MiB/rank':>19}{'estimate':>9}{'of RAM':>8}{'wall s':>8}")
         for r in results:
             rss = "/".join(str(m) for m in r["peak_rss_mib"])
             print(
                 f"{r['name']:<8}{r['ranks']:>11} x {r['threads_per_rank']:<2}"
                 f"{r['max_rel_loss_diff']:>19.2e}{r['tokens_per_s']:>10.0f}{rss:>19}"
-                f"{r['wall_s']:>8}"
+                f"{r['estimate_mib']:>9}{r['capacity_mib']:>8}{r['wall_s']:>8}"
             )
     print(json.dumps({"bench": "distributed", "records": args.records, "steps": args.steps,
                       "cores": os.cpu_count(), "runs": results}))  # fmt: skip

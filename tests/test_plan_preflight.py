@@ -267,3 +267,35 @@ def test_fallback_plan_suggests_fewer_rows_of_the_same_length(tmp_path, tiny_mod
     halved = "--set training.micro_batch_size=2 --set training.grad_accum=2"
     two_rows = pre.estimate.settings.with_(micro_batch=2)
     assert changes[halved] == estimate(pre.estimate.arch, two_rows).total_bytes
+
+
+@pytest.mark.unit
+def test_plan_of_a_distributed_config_is_per_rank(tmp_path, tiny_model, loft_home, monkeypatch):
+    """training.distributed plans each rank: fsdp shards (zero_stage 3 over nproc ranks), ddp
+    replicates; the ranks on one machine share its RAM, so each rank's capacity is an equal part
+    of what is available (LOCAL_WORLD_SIZE inside a rank, nproc before the ranks start)."""
+    from loft.train import preflight
+
+    path = _tiny_config(tmp_path, tiny_model)
+    monkeypatch.setattr(preflight, "_meminfo", lambda key: 8 << 30)
+    monkeypatch.setattr(preflight, "_rss", lambda: 1 << 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def plan(*sets: str):
+        return preflight.preflight_config(load_config(path, list(sets)))
+
+    one = plan()
+    ddp = plan("training.distributed.strategy=ddp", "training.distributed.nproc=2")
+    fsdp = plan("training.distributed.strategy=fsdp", "training.distributed.nproc=2")
+    assert (one.estimate.settings.n_gpus, one.estimate.settings.zero_stage) == (1, 0)
+    assert (ddp.estimate.settings.n_gpus, ddp.estimate.settings.zero_stage) == (2, 0)
+    assert (fsdp.estimate.settings.n_gpus, fsdp.estimate.settings.zero_stage) == (2, 3)
+    assert ddp.estimate.breakdown == one.estimate.breakdown
+    b1, b2 = one.estimate.breakdown, fsdp.estimate.breakdown
+    assert b2["trainable"] < b1["trainable"] and b2["optimizer"] < b1["optimizer"]
+    assert one.capacity_bytes == 9 << 30 and ddp.capacity_bytes == fsdp.capacity_bytes == 5 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # inside a rank: what the launcher started
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    ranked = plan("training.distributed.strategy=fsdp")
+    assert (ranked.estimate.settings.n_gpus, ranked.capacity_bytes) == (8, 3 << 30)

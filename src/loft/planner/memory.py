@@ -238,16 +238,26 @@ def estimate(arch: Arch, settings: RunSettings) -> Estimate:
         notes.append("sgd is budgeted with momentum (one fp32 buffer per trainable parameter).")
     if s.method == "full" and wide == 2:
         opt += trainable * MASTER_WEIGHT_BYTES
+    fp32_base = weights >= 4 * n  # bf16 autocast on CPU casts it, every layer on every rank
     shards = s.n_gpus if s.zero_stage > 0 else 1
     gathered = 0.0
-    if s.zero_stage >= 1:
-        opt /= shards
-    if s.zero_stage >= 2:
-        grads /= shards
-    if s.zero_stage == 3 and shards > 1:
-        layer_bytes = weights / max(n, 1) * (arch.layer_linear_params + arch.layer_other_params)
-        gathered = FSDP_GATHERED_LAYERS * layer_bytes
-        weights, quant, adapter = weights / shards, quant / shards, adapter / shards
+    if s.zero_stage == 3 and shards > 1:  # FSDP as loft runs it (train/distributed.shard_model):
+        # each decoder layer sharded; embeddings, final norm and an untied LM head replicated
+        per_layer = arch.layer_linear_params + arch.layer_other_params
+        in_layers = arch.num_layers * per_layer / max(n, 1)
+
+        def shard(total: float, share: float) -> float:
+            return total * share / shards + total * (1 - share)
+
+        gathered = FSDP_GATHERED_LAYERS * weights / max(n, 1) * per_layer
+        share = 1.0 if s.adapters else in_layers  # adapters sit on the layers' projections
+        weights, quant = shard(weights, in_layers), quant / shards  # NF4: layer linears only
+        adapter, grads, opt = shard(adapter, share), shard(grads, share), shard(opt, share)
+    else:
+        if s.zero_stage >= 1:
+            opt /= shards
+        if s.zero_stage >= 2:
+            grads /= shards
     weights += gathered
 
     tokens = s.tokens_per_micro_batch
@@ -275,9 +285,7 @@ def estimate(arch: Arch, settings: RunSettings) -> Estimate:
         parts["overhead"] = CUDA_CONTEXT_BYTES + CUDA_ALLOCATOR_FRACTION * subtotal
     else:
         retained = CPU_HEAP_RETAINED_FRACTION * all_layers - (adapter + grads + opt)
-        casts = (
-            CPU_AUTOCAST_WEIGHT_COPIES * 2 * n if s.precision == "bf16" and weights >= 4 * n else 0
-        )
+        casts = CPU_AUTOCAST_WEIGHT_COPIES * 2 * n if s.precision == "bf16" and fp32_base else 0
         parts["overhead"] = (
             CPU_RUNTIME_BYTES + CPU_ALLOCATOR_FRACTION * subtotal + max(0.0, retained) + casts
         )

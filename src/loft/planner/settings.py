@@ -116,7 +116,9 @@ def parse_targets(value: str | list[str] | tuple[str, ...]) -> str | tuple[str, 
     return tuple(v.strip() for v in value if v.strip())
 
 
-def settings_from_train_config(cfg: TrainConfig, *, device: str) -> RunSettings:
+def settings_from_train_config(
+    cfg: TrainConfig, *, device: str, world: int | None = None
+) -> RunSettings:
     """loft's TrainConfig on ``device`` ("cuda" or "cpu") -> RunSettings, resolving loft's "auto"s
     as the planner's defaults for a device it cannot inspect (another target than this machine).
 
@@ -124,8 +126,16 @@ def settings_from_train_config(cfg: TrainConfig, *, device: str) -> RunSettings:
     cpu. loft's optimizer is torch AdamW with fp32 states. For this machine, the trainer's own
     placement decides instead (it autocasts to bf16 on a CPU with native bf16):
     ``loft.train.preflight.run_settings`` overrides precision and checkpointing from it.
+
+    ``training.distributed`` sets the devices: ``world`` ranks (default nproc x nodes), each
+    running whole micro-batches; fsdp is ``zero_stage`` 3 over them, ddp replicates (0).
     """
     t = cfg.training
+    d = t.distributed
+    if d.strategy == "none":
+        world = 1
+    elif world is None:
+        world = d.nproc * getattr(d, "nodes", 1)
     precision = {"auto": "bf16" if device == "cuda" else "fp32"}.get(t.precision, t.precision)
     ckpt = t.gradient_checkpointing
     return RunSettings(
@@ -140,7 +150,7 @@ def settings_from_train_config(cfg: TrainConfig, *, device: str) -> RunSettings:
         packing=cfg.data.packing,
         gradient_checkpointing=device == "cuda" if ckpt == "auto" else bool(ckpt),
         grad_accum=t.grad_accum,
-        n_gpus=1,
-        zero_stage=0,
+        n_gpus=world,
+        zero_stage=3 if d.strategy == "fsdp" and world > 1 else 0,
         device=device,
     )

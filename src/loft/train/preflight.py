@@ -157,15 +157,26 @@ def largest_micro_batch(
     return max(_undominated(shapes), key=cost or (lambda s: (s.positions, s.trained)))
 
 
-def device_capacity(device: str) -> int:
-    """Bytes this process may use: free GPU memory (+ what it holds), or RAM available + our RSS."""
+def device_capacity(device: str, ranks: int = 1) -> int:
+    """Bytes this process may use: free GPU memory (+ what it holds), or RAM available + our RSS.
+    The ``ranks`` of a run on one machine share its RAM: each may use an equal part of what is
+    available, on top of what it holds (each rank has a GPU of its own)."""
     if device == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info()
         return int(free + torch.cuda.memory_reserved())
     available = _meminfo("MemAvailable") or _meminfo("MemTotal")
-    return int(available + _rss())
+    return int(available // ranks + _rss())
+
+
+def local_ranks(config: TrainConfig) -> int:
+    """The run's ranks on this machine: torchrun's and Ray Train's ``LOCAL_WORLD_SIZE`` in a
+    rank, else ``training.distributed.nproc`` (planning a run before it starts)."""
+    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    d = config.training.distributed
+    return 1 if d.strategy == "none" else d.nproc
 
 
 def _meminfo(key: str) -> int:
@@ -199,10 +210,12 @@ def run_settings(
     logit_fraction: float = 1.0,
 ) -> Any:
     """The planner's RunSettings for ``config`` as the trainer executes it under ``placement``:
-    its precision (bf16 autocast or fp32) and checkpointing, one device, AdamW."""
+    its precision (bf16 autocast or fp32) and checkpointing, AdamW, per device: each of the
+    ranks of ``training.distributed`` (WORLD_SIZE inside a rank)."""
     from loft.planner import settings_from_train_config
 
-    return settings_from_train_config(config, device=placement.device).with_(
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    return settings_from_train_config(config, device=placement.device, world=world).with_(
         micro_batch=micro_batch,
         seq_len=seq_len,
         packing=packing,
@@ -252,7 +265,9 @@ def run_preflight(
 
     shape = largest_micro_batch(rows, plan, packing=packing, cost=peak)
     est = estimate(arch, settings_for(shape))
-    cap = capacity_bytes if capacity_bytes is not None else device_capacity(placement.device)
+    cap = capacity_bytes
+    if cap is None:
+        cap = device_capacity(placement.device, local_ranks(config))
     where = (
         f"the largest micro-batch of the step plan ({plan.total_steps:,} steps x "
         f"{plan.per_step:,} examples over {len(rows):,} prepared examples)"
@@ -366,7 +381,9 @@ def preflight_config(
         config, placement, micro_batch=mbs, seq_len=seq, packing=config.data.packing
     )
     est = estimate(_arch(config), settings)
-    cap = capacity_bytes if capacity_bytes is not None else device_capacity(placement.device)
+    cap = capacity_bytes
+    if cap is None:
+        cap = device_capacity(placement.device, local_ranks(config))
     where = (
         f"{'--micro-batch' if micro_batch else 'training.micro_batch_size'} {mbs} x "
         f"{'--seq-len' if seq_len else 'data.max_seq_len'} {seq}, every position with logits "
