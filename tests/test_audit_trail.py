@@ -1,0 +1,179 @@
+"""The audit trail (loft.core.audit): a hash chain that names the first line someone edited,
+deleted or moved, and stays one chain when several processes append at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+
+import pytest
+
+from loft.core import audit
+from loft.core.errors import IntegrityError
+
+
+def _fill(n: int) -> list[dict]:
+    return [audit.append(f"user{i % 3}", f"thing.do{i % 2}", f"t{i}", {"i": i}) for i in range(n)]
+
+
+def _lines(path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+@pytest.mark.unit
+def test_entries_chain_and_verify(loft_home):
+    entries = _fill(5)
+    path = loft_home / "audit" / "trail.jsonl"
+    assert audit.trail_path() == path
+    assert audit.verify() == (True, 5, None, "5 entries, chain intact")
+    first = json.loads(_lines(path)[0])
+    assert list(first) == ["seq", "ts", "actor", "action", "target", "details", "prev", "hash"]
+    assert first["seq"] == 1 and first["prev"] == "0" * 64
+    assert first["ts"].endswith("+00:00")
+    # the hash is sha256 over the canonical JSON of the entry without "hash", as documented
+    body = {k: v for k, v in first.items() if k != "hash"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert first["hash"] == hashlib.sha256(canon.encode()).hexdigest()
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
+    assert audit.head() == entries[-1]
+
+
+@pytest.mark.unit
+def test_an_empty_or_missing_trail_verifies(loft_home):
+    assert audit.verify() == (True, 0, None, "no audit trail yet")
+    assert audit.read(10) == [] and audit.head() is None
+
+
+def _rewrite(path, lines):
+    path.write_text("".join(lines))
+
+
+@pytest.mark.unit
+def test_an_edited_line_is_named(loft_home):
+    _fill(6)
+    path = audit.trail_path()
+    lines = _lines(path)
+    lines[3] = lines[3].replace('"target":"t3"', '"target":"t3-edited"')
+    _rewrite(path, lines)
+    ok, n, bad, reason = audit.verify()
+    assert (ok, n, bad) == (False, 4, 4)
+    assert reason.startswith("line 4: hash does not match")
+
+
+@pytest.mark.unit
+def test_an_edit_with_a_recomputed_hash_breaks_the_next_line(loft_home):
+    _fill(4)
+    path = audit.trail_path()
+    lines = _lines(path)
+    entry = json.loads(lines[1])
+    entry["actor"] = "mallory"
+    entry["hash"] = audit.entry_hash(entry)
+    lines[1] = json.dumps(entry, separators=(",", ":")) + "\n"
+    _rewrite(path, lines)
+    ok, _, bad, reason = audit.verify()
+    assert (ok, bad) == (False, 3)
+    assert "line 3" in reason
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("index", [0, 2])
+def test_a_deleted_line_is_named(loft_home, index):
+    _fill(5)
+    path = audit.trail_path()
+    lines = _lines(path)
+    del lines[index]
+    _rewrite(path, lines)
+    ok, _, bad, reason = audit.verify()
+    assert (ok, bad) == (False, index + 1)
+    assert "was removed" in reason
+
+
+@pytest.mark.unit
+def test_reordered_lines_are_named(loft_home):
+    _fill(5)
+    path = audit.trail_path()
+    lines = _lines(path)
+    lines[1], lines[2] = lines[2], lines[1]
+    _rewrite(path, lines)
+    assert audit.verify()[:3] == (False, 2, 2)
+
+
+@pytest.mark.unit
+def test_a_line_that_is_not_json_is_named(loft_home):
+    _fill(3)
+    path = audit.trail_path()
+    lines = _lines(path)
+    lines.insert(1, "garbage\n")
+    _rewrite(path, lines)
+    ok, _, bad, reason = audit.verify()
+    assert (ok, bad) == (False, 2) and "not valid JSON" in reason
+
+
+@pytest.mark.unit
+def test_append_refuses_to_continue_from_a_torn_last_line(loft_home):
+    _fill(2)
+    path = audit.trail_path()
+    with open(path, "a") as f:
+        f.write('{"seq":3,"ts":"2026')  # a write cut short
+    with pytest.raises(IntegrityError, match="last line is not a complete audit entry"):
+        audit.append("alice", "user.add", "bob")
+    assert audit.verify()[:3] == (False, 3, 3)
+    assert len(_lines(path)) == 3  # nothing appended
+
+
+@pytest.mark.unit
+def test_read_newest_first_with_filters_and_paging(loft_home):
+    _fill(12)
+    assert [e["seq"] for e in audit.read(3)] == [12, 11, 10]
+    assert [e["seq"] for e in audit.read(3, offset=10)] == [2, 1]
+    assert [e["seq"] for e in audit.read(50, actor="user1")] == [11, 8, 5, 2]
+    assert [e["seq"] for e in audit.read(2, offset=1, action="thing.do0")] == [9, 7]
+    assert [e["seq"] for e in audit.read(50, actor="user0", action="thing.do1")] == [10, 4]
+    assert audit.read(5, actor="nobody") == []
+
+
+@pytest.mark.unit
+def test_read_pages_across_the_block_boundary(loft_home):
+    """Lines longer than the backwards reader's block still come back whole."""
+    big = "x" * 70_000
+    audit.append("a", "blob", "one", {"blob": big})
+    audit.append("a", "blob", "two", {"blob": big})
+    assert [e["target"] for e in audit.read(5)] == ["two", "one"]
+    assert audit.verify()[0]
+
+
+def _appender(home: str, worker: int, n: int, go) -> None:
+    import os
+
+    os.environ["LOFT_HOME"] = home
+    from loft.core import audit as trail
+
+    go.wait(30)  # all start together, once imported, so their appends overlap
+    for i in range(n):
+        trail.append(f"proc{worker}", "test.append", f"{worker}-{i}")
+
+
+@pytest.mark.integration
+def test_concurrent_appends_from_processes_keep_one_chain(loft_home):
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Barrier(4)
+    procs = [ctx.Process(target=_appender, args=(str(loft_home), w, 25, go)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ok, n, bad, reason = audit.verify()
+    assert (ok, n, bad) == (True, 100, None), reason
+    entries = audit.read(500)
+    assert sorted(e["target"] for e in entries) == sorted(
+        f"{w}-{i}" for w in range(4) for i in range(25)
+    )
+    # every worker's own appends are in its own order
+    for w in range(4):
+        mine = [
+            int(e["target"].split("-")[1]) for e in reversed(entries) if e["actor"] == f"proc{w}"
+        ]
+        assert mine == list(range(25))
