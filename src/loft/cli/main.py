@@ -53,6 +53,7 @@ def _register() -> None:
         merge,
         models,
         plan,
+        portal,
         registry,
         rollout,
         runs,
@@ -60,6 +61,7 @@ def _register() -> None:
         serve,
         train,
         tune,
+        users,
         watch,
     )
     from loft.cli import eval as eval_cmd
@@ -73,6 +75,7 @@ def _register() -> None:
     app.add_typer(jobs.app, name="jobs")
     app.add_typer(schedule.app, name="schedule")
     app.add_typer(rollout.app, name="rollout")
+    app.add_typer(users.app, name="users")
     train.register(app)
     runs.register(app)
     demo.register(app)
@@ -85,6 +88,7 @@ def _register() -> None:
     tune.register(app)
     jobs.register(app)
     jobs.register_up(app)
+    portal.register(app)
 
 
 _register()
