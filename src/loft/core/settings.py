@@ -39,6 +39,16 @@ def setting(env: str, key: str) -> Any:
     return node
 
 
+# What a process on another machine (a Ray job, its ranks) needs of this one's environment:
+# loft's settings, the tracking server, object-storage credentials, Hugging Face's switches.
+FORWARDED_ENV_PREFIXES = ("LOFT_", "MLFLOW_", "AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """This process's environment variables that a remote process of the same deployment needs."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
 def redact(url: str) -> str:
     """A database URL without its password, for messages and lineage."""
     from urllib.parse import urlsplit, urlunsplit
@@ -50,4 +60,4 @@ def redact(url: str) -> str:
     return urlunsplit(u._replace(netloc=netloc))
 
 
-__all__ = ["redact", "setting"]
+__all__ = ["FORWARDED_ENV_PREFIXES", "forwarded_env", "redact", "setting"]

@@ -82,8 +82,9 @@ class LoraSpec(Strict):
 
 
 class DistributedSpec(Strict):
-    """Data-parallel training on one machine: ``loft train`` starts ``nproc`` ranks under torchrun
-    (or runs as one rank when torchrun started it). The global batch is the single-process one."""
+    """Data-parallel training: ``loft train`` starts ``nproc`` ranks under torchrun on this machine,
+    or ``nodes`` × ``nproc`` ranks on a Ray cluster (``--launcher ray``), or runs as one rank when
+    a launcher started it. The global batch is the single-process one."""
 
     strategy: Literal["none", "ddp", "fsdp"] = Field(
         "none",
@@ -94,12 +95,17 @@ class DistributedSpec(Strict):
         1, ge=1, le=1024, description="Ranks on this machine (one per GPU on CUDA); > 1 needs ddp "
         "or fsdp.",
     )  # fmt: skip
+    nodes: int = Field(
+        1, ge=1, le=1024, description="Machines; > 1 needs --launcher ray, which runs nodes × "
+        "nproc ranks spread over the Ray cluster's nodes (the run directory on a filesystem "
+        "they all see).",
+    )  # fmt: skip
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="Collectives' backend; auto: nccl on CUDA, gloo on CPU."
     )
     max_restarts: int = Field(
-        0, ge=0, le=100, description="torchrun restarts every rank this often after a failure; "
-        "each restart resumes from the run's newest checkpoint.",
+        0, ge=0, le=100, description="torchrun (or Ray Train) restarts every rank this often after "
+        "a failure; each restart resumes from the run's newest checkpoint.",
     )  # fmt: skip
 
 
@@ -361,6 +367,15 @@ def _distributed_problems(get: Callable[[str], Any], obj: Any) -> list[tuple[str
                 "training.distributed.nproc",
                 f"{nproc} ranks need a strategy: set training.distributed.strategy to ddp or fsdp "
                 "(or nproc to 1)",
+            )
+        )
+    nodes = get("training.distributed.nodes")
+    if isinstance(nodes, int) and nodes > 1 and strategy == "none":
+        out.append(
+            (
+                "training.distributed.nodes",
+                f"{nodes} machines need a strategy: set training.distributed.strategy to ddp or "
+                "fsdp (or nodes to 1)",
             )
         )
     if strategy not in (None, "none"):

@@ -14,7 +14,6 @@ jobs/ imports no torch; ray is imported only here, when this executor is used.
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -23,24 +22,26 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError
+from loft.core.settings import forwarded_env
 
-ENV_PREFIXES = ("LOFT_", "MLFLOW_", "AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 
-
-def client(address: str | None) -> Any:
+def client(address: str | None, *, needed_by: str = "--executor ray") -> Any:
+    """Ray's job client for ``address`` (else LOFT_RAY_ADDRESS / settings ``ray.address``), a
+    dashboard URL; ConfigError, naming the option ``needed_by``, when there is none or it does
+    not answer."""
     from loft.core.settings import setting
 
     address = address or setting("LOFT_RAY_ADDRESS", "ray.address")
     if not address:
         raise ConfigError(
-            "--executor ray needs the cluster's dashboard address",
+            f"{needed_by} needs the cluster's dashboard address",
             hint="Pass --ray-address http://HEAD:8265 (or set LOFT_RAY_ADDRESS / ray.address).",
         )
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError:
         raise ConfigError(
-            "--executor ray needs Ray's job client", hint="pip install 'loft[ray]'."
+            f"{needed_by} needs Ray's job client", hint="pip install 'loft[ray]'."
         ) from None
     try:
         return JobSubmissionClient(str(address))
@@ -64,7 +65,7 @@ class RayRun:
         self.ray, self.log_path = ray, log_path
         self.id = submission_id(job.id, job.attempts)
         self._stop_earlier(job)
-        env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+        env = forwarded_env()
         env.update(LOFT_JOB_ID=job.id, PYTHONUNBUFFERED="1")
         deadline = time.time() + 120
         while True:

@@ -38,16 +38,21 @@ from loft.core.errors import ConfigError, HardwareError
 from loft.core.specs import TrainConfig
 
 RUN_DIR_ENV = "LOFT_RUN_DIR"  # the launcher's chosen run directory, for every rank
+RESTART_ENV = "LOFT_RESTART_COUNT"  # Ray Train's restarts (torchrun has its own variable)
 _BUCKET = 1 << 24  # elements per gradient all-reduce
 
 
-def under_torchrun() -> bool:
+def under_launcher() -> bool:
+    """True in a rank that torchrun or Ray Train started (both set RANK and WORLD_SIZE)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def restarted() -> bool:
-    """True in a rank torchrun restarted after a failure (it resumes from the last checkpoint)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    """True in a rank its launcher restarted after a failure (it resumes from the newest
+    checkpoint): torchrun counts restarts in TORCHELASTIC_RESTART_COUNT, loft's Ray Train ranks in
+    LOFT_RESTART_COUNT."""
+    counts = (os.environ.get(v, "0") or "0" for v in ("TORCHELASTIC_RESTART_COUNT", RESTART_ENV))
+    return any(int(c) > 0 for c in counts)
 
 
 def backend_for(config: TrainConfig, cuda: bool) -> str:
@@ -67,6 +72,13 @@ def check_launch(config: TrainConfig, *, cuda: bool, gpus: int, env: dict[str, s
                 hint="Add --set training.distributed.strategy=ddp (or fsdp).",
             )
         return
+    if world is None and d.nodes > 1:
+        raise ConfigError(
+            f"training.distributed.nodes is {d.nodes}: the torchrun launcher starts ranks on this "
+            "machine only; several machines need a Ray cluster.",
+            hint="Add --launcher ray --ray-address http://HEAD:8265 (see `loft train --help`), "
+            "or set --set training.distributed.nodes=1.",
+        )
     if world is None and d.nproc == 1:
         raise ConfigError(
             f"training.distributed.strategy is {d.strategy} with nproc 1, outside torchrun: "
@@ -74,22 +86,29 @@ def check_launch(config: TrainConfig, *, cuda: bool, gpus: int, env: dict[str, s
             hint="Set --set training.distributed.nproc=N (loft starts the ranks), or start it "
             "as torchrun --nproc-per-node N -m loft.cli.main train CONFIG.",
         )
-    if world is not None and d.nproc > 1 and world != d.nproc:
+    if world is not None and d.nodes == 1 and d.nproc > 1 and world != d.nproc:
         raise ConfigError(
             f"training.distributed.nproc is {d.nproc}, and torchrun started {world} ranks.",
             hint="Remove nproc from the config when starting torchrun yourself, or make them "
             "equal.",
         )
-    ranks = world or d.nproc
+    if world is not None and d.nodes > 1 and world != d.nodes * d.nproc:
+        raise ConfigError(
+            f"training.distributed.nodes × nproc is {d.nodes} × {d.nproc}, and the launcher "
+            f"started {world} ranks.",
+            hint="Make nodes × nproc the launcher's world size.",
+        )
+    # the ranks on this machine: torchrun and Ray Train say how many (LOCAL_WORLD_SIZE)
+    local = int(env.get("LOCAL_WORLD_SIZE") or world or d.nproc)
     backend = backend_for(config, cuda)
     if backend == "nccl" and not cuda:
         raise HardwareError(
             "training.distributed.backend is nccl, which needs CUDA GPUs; this machine has none.",
             hint="Use --set training.distributed.backend=auto (gloo on CPU).",
         )
-    if cuda and ranks > gpus:
+    if cuda and local > gpus:
         raise HardwareError(
-            f"training.distributed.nproc is {ranks}, and this machine has {gpus} visible GPU"
+            f"training.distributed.nproc is {local}, and this machine has {gpus} visible GPU"
             f"{'s' if gpus != 1 else ''} (one rank per GPU).",
             hint=f"Set --set training.distributed.nproc={gpus}, or check CUDA_VISIBLE_DEVICES.",
         )
@@ -169,18 +188,19 @@ class Ranks:
 
 
 def setup(config: TrainConfig, device: str) -> Ranks:
-    """Join the process group torchrun prepared (or return the single-process Ranks)."""
+    """Join the process group torchrun prepared, or use the one Ray Train already initialised
+    (it also chose this rank's GPU); or return the single-process Ranks."""
     import torch.distributed as dist
 
     cuda = device == "cuda"
     gpus = torch.cuda.device_count() if cuda else 0
     check_launch(config, cuda=cuda, gpus=gpus, env=dict(os.environ))
     strategy = config.training.distributed.strategy
-    if strategy == "none" or not under_torchrun():
+    if strategy == "none" or not under_launcher():
         return Ranks()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend, store = backend_for(config, cuda), _attempt_store()
         if store is None:
             dist.init_process_group(backend)
@@ -219,6 +239,7 @@ def _attempt_store() -> Any:
 
 
 def teardown(ranks: Ranks) -> None:
+    """Destroy the process group (Ray Train's shutdown skips a group that is already gone)."""
     if ranks.active:
         import torch.distributed as dist
 
