@@ -47,7 +47,7 @@ servers:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 
 test: install install-export servers
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # the inner loop: unit tests only (in-process, tiny models; ~1.5 min on 2 cores, budget 3 min)
 test-fast: install

@@ -49,8 +49,8 @@ class RayHead:
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=60)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # its daemons got it too; the
+                self.proc.wait(timeout=8)  # head's own cleanup then waits ~30 s on them
         # the daemons share the group; whatever outlived `ray start` goes too
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)

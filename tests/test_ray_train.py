@@ -21,7 +21,7 @@ from loft.core.config import validate_config
 from loft.core.errors import ConfigError
 from loft.train import distributed
 from loft.train.checkpoint import checkpoint_dirs
-from test_distributed import ONE_THREAD, STEPS, _adapter, _config, _history, _max_diff, _train
+from test_distributed import ONE_THREAD, _adapter, _max_diff, _train
 from test_train import tiny_config
 
 RAY = ("--set", "training.distributed.strategy=ddp", "--set", "training.distributed.nproc=2")
@@ -102,39 +102,6 @@ def test_ray_launcher_refusals_say_what_to_do(tmp_path, loft_home, tiny_model, c
 # ---------------------------------------------------------------- 2 ranks on Ray
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model):
-    """The single-process run (test_distributed's 4 steps) the Ray run must equal."""
-    root = tmp_path_factory.mktemp("single")
-    cfg = _config(root, tiny_model)
-    run_dir = _train(root, cfg)
-    _, losses = _history(run_dir)
-    return cfg, losses, _adapter(run_dir)
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_two_ray_ranks_equal_one_process(tmp_path, loft_home, reference, ray_head):
-    """2 DDP ranks started by Ray Train write the single-process adapter (<= 1e-5) and losses,
-    once, into the run directory the client printed; both ranks' output is kept there."""
-    cfg, ref_losses, ref_adapter = reference
-    cfg = dict(cfg, output_dir=str(tmp_path / "run"))
-    run_dir = _train(tmp_path, cfg, *RAY, "--launcher", "ray", "--ray-address", ray_head.address)
-    assert run_dir == tmp_path / "run"
-    summary, losses = _history(run_dir)
-    assert summary["status"] == "completed" and summary["steps"] == STEPS
-    assert summary["distributed"] == {"strategy": "ddp", "world_size": 2}
-    assert len(summary["sessions"]) == 1
-    assert max(abs(x - y) / abs(y) for k in ref_losses for x, y in zip(
-        losses[k], ref_losses[k], strict=True)) <= 1e-5  # fmt: skip
-    assert _max_diff(_adapter(run_dir), ref_adapter) <= 1e-5
-    files = ["rank_0.log", "rank_0.pid", "rank_1.log", "rank_1.pid"]
-    assert _ray_logs(run_dir) == {"attempt_0": files}
-    for rank in (0, 1):  # each rank's `loft train` output, to its last line (the run directory)
-        log = (run_dir / f"logs/ray/attempt_0/rank_{rank}.log").read_text()
-        assert f"done: {STEPS} steps" in log and log.strip().splitlines()[-1] == str(run_dir)
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_driver_refusal_fails_the_job_with_its_message(tmp_path, loft_home, tiny_model, ray_head):
@@ -159,10 +126,12 @@ KILL_STEPS = 24
 def test_rank_killed_under_ray_restarts_and_finishes_equal(
     tmp_path, loft_home, tiny_model, ray_head
 ):
-    """Rank 0 (the run directory's writer, the MLflow run) SIGKILLed after the first checkpoint:
-    Ray Train (max_restarts 1) starts both ranks again, they resume from the newest checkpoint,
-    and the run ends with an uninterrupted single-process run's adapter (<= 1e-5); both
-    attempts' logs are kept."""
+    """2 DDP ranks started by Ray Train, rank 0 (the run directory's writer, the MLflow run)
+    SIGKILLed after the first checkpoint: Ray Train (max_restarts 1) starts both ranks again, they
+    resume from the newest checkpoint, and the run ends with an uninterrupted single-process
+    run's adapter (<= 1e-5), written once into the run directory the client printed; both
+    attempts' logs of both ranks are kept. (Per-step losses equal to one process: the same ranks
+    under torchrun, tests/test_distributed.py.)"""
     cfg = tiny_config(tmp_path / "ref", tiny_model, max_steps=KILL_STEPS, micro_batch_size=2)
     cfg["training"].update(grad_accum=3, save_every=4, eval_every=KILL_STEPS)
     cfg["register"] = False
@@ -198,6 +167,10 @@ def test_rank_killed_under_ray_restarts_and_finishes_equal(
     assert resumed["steps_run"] == KILL_STEPS - resumed["start_step"] < KILL_STEPS
     files = ["rank_0.log", "rank_0.pid", "rank_1.log", "rank_1.pid"]
     assert _ray_logs(run_dir) == {"attempt_0": files, "attempt_1": files}
+    for rank in (0, 1):  # each rank's `loft train` output, to its last line (the run directory)
+        log = (run_dir / f"logs/ray/attempt_1/rank_{rank}.log").read_text()
+        assert f"done: {KILL_STEPS} steps" in log and log.strip().splitlines()[-1] == str(run_dir)
+    assert summary["distributed"] == {"strategy": "ddp", "world_size": 2}
     assert _max_diff(_adapter(run_dir), reference) <= 1e-5
 
 
