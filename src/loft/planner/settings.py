@@ -135,7 +135,7 @@ def settings_from_train_config(
     if d.strategy == "none":
         world = 1
     elif world is None:
-        world = d.nproc * getattr(d, "nodes", 1)
+        world = d.nproc * d.nodes
     precision = {"auto": "bf16" if device == "cuda" else "fp32"}.get(t.precision, t.precision)
     ckpt = t.gradient_checkpointing
     return RunSettings(
