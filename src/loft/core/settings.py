@@ -49,6 +49,25 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+def submit_ray_job(client: Any, submission_id: str, **job: Any) -> None:
+    """``client.submit_job`` (a Ray ``JobSubmissionClient``), retried for up to 2 minutes while a
+    head that just started has no job agent yet (it says "try again later"); any other refusal
+    is a ConfigError naming the job."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.submit_job(submission_id=submission_id, **job)
+            return
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise ConfigError(
+                    f"the Ray cluster refused job {submission_id}: {str(e).splitlines()[0]}"
+                ) from None
+            time.sleep(1)
+
+
 def redact(url: str) -> str:
     """A database URL without its password, for messages and lineage."""
     from urllib.parse import urlsplit, urlunsplit
@@ -60,4 +79,4 @@ def redact(url: str) -> str:
     return urlunsplit(u._replace(netloc=netloc))
 
 
-__all__ = ["FORWARDED_ENV_PREFIXES", "forwarded_env", "redact", "setting"]
+__all__ = ["FORWARDED_ENV_PREFIXES", "forwarded_env", "redact", "setting", "submit_ray_job"]

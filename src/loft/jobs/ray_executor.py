@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError
-from loft.core.settings import forwarded_env
+from loft.core.settings import forwarded_env, submit_ray_job
 
 
 def client(address: str | None, *, needed_by: str = "--executor ray") -> Any:
@@ -67,23 +67,14 @@ class RayRun:
         self._stop_earlier(job)
         env = forwarded_env()
         env.update(LOFT_JOB_ID=job.id, PYTHONUNBUFFERED="1")
-        deadline = time.time() + 120
-        while True:
-            try:
-                ray.submit_job(
-                    entrypoint=(f"cd {shlex.quote(cwd)} && " if cwd else "") + shlex.join(cmd),
-                    submission_id=self.id,
-                    runtime_env={"env_vars": env},
-                    metadata={"loft_job": job.id, "owner": job.owner, "kind": job.kind},
-                    entrypoint_num_gpus=gpus or None,
-                )
-                break
-            except RuntimeError as e:  # a head just started has no job agent yet: it says so
-                if "try again later" not in str(e) or time.time() > deadline:
-                    raise ConfigError(
-                        f"the Ray cluster refused job {self.id}: {str(e).splitlines()[0]}"
-                    ) from None
-                time.sleep(1)
+        submit_ray_job(
+            ray,
+            self.id,
+            entrypoint=(f"cd {shlex.quote(cwd)} && " if cwd else "") + shlex.join(cmd),
+            runtime_env={"env_vars": env},
+            metadata={"loft_job": job.id, "owner": job.owner, "kind": job.kind},
+            entrypoint_num_gpus=gpus or None,
+        )
         self.status = "PENDING"
         self._logged = 0
 

@@ -135,7 +135,7 @@ def launch_ray(
         [sys.executable, "-m", "loft.train.ray_train", "--run-dir", str(run_dir),
          "--world", str(d.nodes * d.nproc), "--name", sid, "--", *command]
     )  # fmt: skip
-    from loft.core.settings import forwarded_env
+    from loft.core.settings import forwarded_env, submit_ray_job
 
     env = {
         **forwarded_env(),
@@ -144,7 +144,7 @@ def launch_ray(
         "RAY_TRAIN_V2_ENABLED": "1",  # the TorchTrainer semantics loft is tested with
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # ranks' print()s stay plain output, in their logs
     }
-    _submit(ray, sid, entrypoint=entrypoint, runtime_env={"env_vars": env},
+    submit_ray_job(ray, sid, entrypoint=entrypoint, runtime_env={"env_vars": env},
             metadata={"loft_run_dir": str(run_dir)})  # fmt: skip
     print(f"Ray job {sid}: {d.nodes * d.nproc} ranks; run directory {run_dir}", file=sys.stderr)
     logs = run_dir / RAY_LOGS
@@ -178,20 +178,6 @@ def launch_ray(
         "no rank started; the driver's output is above")  # fmt: skip
     print(f"Ray job {sid} {status.lower()}{why}; {where}", file=sys.stderr)
     return code or 1, run_dir
-
-
-def _submit(ray: Any, sid: str, **job: Any) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            ray.submit_job(submission_id=sid, **job)
-            return
-        except RuntimeError as e:  # a head just started has no job agent yet: it says so
-            if "try again later" not in str(e) or time.monotonic() > deadline:
-                raise ConfigError(
-                    f"the Ray cluster refused job {sid}: {str(e).splitlines()[0]}"
-                ) from None
-            time.sleep(1)
 
 
 class _Followed:
