@@ -24,13 +24,24 @@ the machine's load; wall times do (quote idle runs).
 stderr) instead of training it again: on CPU the grid's losses and tokens are the same every run
 (fixed seeds, deterministic kernels), so only its wall time is then from another run, which the
 output says.
+
+One study is one draw of its sampler: ``--replay N`` (default 100) also replays the same study
+(loft's sampler and pruner, seeds 0 to N-1) against a surrogate built from every learning curve
+measured in this run (the grid's, the study's completed trials', and those of ``--grid-json``):
+at each evaluation step, the eval loss of a (rank, warm-up) pair is interpolated linearly in
+log(lr) between the measured curves of that pair, and a trained step costs the grid's mean tokens
+per step. It prints how often the target holds over the seeds and the median loss gap and token
+share: the distribution the single trained study is one sample of. The replay takes seconds; it
+is an estimate (the loss between measured learning rates is interpolated, not trained).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +91,7 @@ def _search(recipe: Path, work: Path, name: str, text: str, **kw) -> dict:
     done = [t for t in trials if t.state == "COMPLETE"]
     best = min(done, key=lambda t: t.value)
     return {
+        "curves": _curves(name),
         "trials": len(trials),
         "completed": len(done),
         "pruned": sum(t.state == "PRUNED" for t in trials),
@@ -90,6 +102,97 @@ def _search(recipe: Path, work: Path, name: str, text: str, **kw) -> dict:
     }
 
 
+def _curves(name: str) -> list[dict]:
+    """Each completed trial's params and eval loss at every evaluation step."""
+    from loft.hpo.storage import load_study
+
+    return [
+        {"params": t.params, "eval_loss": {str(k): v for k, v in t.intermediate_values.items()}}
+        for t in load_study(name).get_trials(deepcopy=False)
+        if t.state.name == "COMPLETE"
+    ]
+
+
+class Surrogate:
+    """Eval loss at each evaluation step for any (lr, r, warm-up) of the study's space: per (r,
+    warm-up), linear in log(lr) between the measured learning curves (held flat beyond them)."""
+
+    def __init__(self, curves: list[dict]) -> None:
+        self.by_pair: dict[tuple, dict[float, dict[int, float]]] = {}
+        for c in curves:
+            p = c["params"]
+            pair = (p["lora.r"], p["training.warmup_ratio"])
+            self.by_pair.setdefault(pair, {})[p["training.lr"]] = {
+                int(k): v for k, v in c["eval_loss"].items()
+            }
+        steps = {tuple(sorted(v)) for d in self.by_pair.values() for v in d.values()}
+        if len(steps) != 1:
+            raise SystemExit(f"replay: curves evaluated at different steps: {sorted(steps)}")
+        (self.steps,) = steps
+
+    def __call__(self, lr: float, r: int, warmup: float) -> list[float]:
+        import numpy as np
+
+        measured = sorted(self.by_pair[(r, warmup)].items())
+        xs = [math.log(x) for x, _ in measured]
+        return [float(np.interp(math.log(lr), xs, [c[s] for _, c in measured])) for s in self.steps]
+
+
+def replay(curves: list[dict], seeds: int, trials: int, grid: dict, steps: int) -> dict:
+    """The study (loft's TPE + successive halving, as `loft tune` builds them) run ``seeds``
+    times against the surrogate of ``curves``; how often it meets the target."""
+    import optuna
+    import yaml
+
+    from loft.hpo.space import Space
+    from loft.hpo.storage import quiet_optuna
+    from loft.hpo.study import _pruner, _sampler
+
+    quiet_optuna()
+    loss = Surrogate(curves)
+    space_doc = yaml.safe_load(STUDY)["params"]
+    lr_low, lr_high = space_doc["training.lr"]["float"]
+    ranks, warmups = space_doc["lora.r"]["choices"], space_doc["training.warmup_ratio"]["choices"]
+    grid_steps = grid["trials"] * steps
+    tokens_per_step = grid["train_tokens"] / grid_steps
+    gaps, shares = [], []
+    for seed in range(seeds):
+        study = optuna.create_study(
+            sampler=_sampler("tpe", seed, Space([]), trials),
+            pruner=_pruner("successive_halving", loss.steps[0], steps),
+        )
+        trained = 0
+        for _ in range(trials):
+            t = study.ask()
+            lr = t.suggest_float("training.lr", lr_low, lr_high, log=True)
+            r = t.suggest_categorical("lora.r", ranks)
+            w = t.suggest_categorical("training.warmup_ratio", warmups)
+            prev, state = 0, None
+            for step, value in zip(loss.steps, loss(lr, r, w), strict=True):
+                trained, prev = trained + step - prev, step
+                t.report(value, step)
+                if step < steps and t.should_prune():  # loft never prunes at the last step
+                    study.tell(t, state=optuna.trial.TrialState.PRUNED)
+                    state = "pruned"
+                    break
+            if state is None:
+                study.tell(t, value)
+        gaps.append(study.best_value / grid["best_eval_loss"] - 1)
+        shares.append(trained / grid_steps)
+    both = sum(g <= 0.01 and s <= 0.40 for g, s in zip(gaps, shares, strict=True))
+    return {
+        "seeds": seeds,
+        "curves": len(curves),
+        "tokens_per_step": round(tokens_per_step),
+        "target_met": round(both / seeds, 3),
+        "within_1pct": round(sum(g <= 0.01 for g in gaps) / seeds, 3),
+        "tokens_within_40pct": round(sum(s <= 0.40 for s in shares) / seeds, 3),
+        "loss_gap_median": round(statistics.median(gaps), 4),
+        "loss_gap_p90": round(sorted(gaps)[int(0.9 * (seeds - 1))], 4),
+        "token_ratio_median": round(statistics.median(shares), 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=300)
@@ -97,6 +200,13 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid-json", type=Path, help="Reuse the grid of an earlier run's JSON.")
+    ap.add_argument(
+        "--replay",
+        type=int,
+        default=100,
+        metavar="N",
+        help="Also replay the study on N seeds against the measured curves (0: no).",
+    )
     ap.add_argument("--json", action="store_true", help="Print only the result JSON.")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,6 +222,8 @@ def main() -> None:
                 f"{earlier['steps']} steps, not {args.records} x {args.steps}"
             )
         grid = {**earlier["grid"], "from": str(args.grid_json)}
+        if args.replay and "curves" not in grid:
+            sys.exit(f"{args.grid_json}: no learning curves to replay (an older run); --replay 0")
     else:
         print("grid: 18 points, each trained to the end", file=sys.stderr)
         grid = _search(recipe, work, "grid", GRID, trials=18, sampler="grid", pruner="none")
@@ -129,6 +241,9 @@ def main() -> None:
         "token_ratio": round(study["train_tokens"] / grid["train_tokens"], 3),
         "time_ratio": round(study["wall_s"] / grid["wall_s"], 3),
     }
+    if args.replay:
+        curves = grid["curves"] + study["curves"]
+        result["replay"] = replay(curves, args.replay, args.trials, grid, args.steps)
     if args.json:
         print(json.dumps(result))
         return
@@ -147,6 +262,15 @@ def main() -> None:
         f"{result['token_ratio']:.0%}, wall time {result['time_ratio']:.0%} "
         "(target: within 1%, <= 40% of the tokens)"
     )
+    if "replay" in result:
+        r = result["replay"]
+        print(
+            f"replayed on {r['seeds']} seeds against {r['curves']} measured curves: target met "
+            f"{r['target_met']:.0%} (within 1%: {r['within_1pct']:.0%}, <= 40% of the tokens: "
+            f"{r['tokens_within_40pct']:.0%}); median best eval loss {r['loss_gap_median']:+.1%} "
+            f"(90th percentile {r['loss_gap_p90']:+.1%}) for {r['token_ratio_median']:.0%} of the "
+            "grid's tokens"
+        )
     print(json.dumps(result), file=sys.stderr)
 
 
