@@ -315,7 +315,9 @@ def test_force_trains_past_a_refused_preflight(
 
     import loft.train.preflight as preflight
 
-    monkeypatch.setattr(preflight, "device_capacity", lambda device: 1 << 20)  # a 1 MiB device
+    monkeypatch.setattr(
+        preflight, "device_capacity", lambda device, ranks=1: 1 << 20
+    )  # a 1 MiB device
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_config(tmp_path, tiny_model, n=4, words=20, mbs=2, seq=128)))
     assert run_cli("train", str(path), "-q") == 2

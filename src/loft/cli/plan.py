@@ -167,7 +167,12 @@ def _machine_plan(config: Path, sets: list[str], flags: dict[str, Any], model: s
     from loft.core.config import load_config
     from loft.core.errors import HardwareError
     from loft.planner import Plan, fits_in, smallest_fitting_gpu
-    from loft.train.preflight import placement_reasons, preflight_config, suggestions
+    from loft.train.preflight import (
+        local_ranks,
+        placement_reasons,
+        preflight_config,
+        suggestions,
+    )
 
     cfg = load_config(config, [*sets, *_machine_overrides(flags, model)])
     try:
@@ -194,6 +199,7 @@ def _machine_plan(config: Path, sets: list[str], flags: dict[str, Any], model: s
         "gradient_checkpointing": est.settings.gradient_checkpointing,
         "placement": pre.placement.describe(),
         "micro_batch_tokens": pre.micro_batch_tokens,
+        "ranks_here": local_ranks(cfg),  # the ranks this machine's capacity is shared by
         "shape": pre.shape,
         "dataset_fingerprint": pre.dataset_fingerprint,
         "from": {**reasons, "micro_batch_tokens": pre.shape_from},
@@ -288,6 +294,9 @@ def _print(r: dict[str, Any]) -> None:
     if t:
         verdict = "[green]fits[/]" if t["fits"] else "[red]does not fit[/]"
         what = " available here" if a["this_machine"] else ""
+        ranks = a.get("ranks_here", 1)
+        if t["device"] == "cpu" and ranks > 1:  # the ranks share this machine's RAM
+            what = f" available here to each of {ranks} ranks"
         console.print(
             f"on {t['device']} ({human_size(t['capacity_bytes'])}{what}): {verdict}, "
             f"headroom {'-' if t['headroom_bytes'] < 0 else ''}"
