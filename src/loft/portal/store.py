@@ -18,8 +18,6 @@ import hmac
 import re
 import secrets
 import sqlite3
-import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from loft.core import audit
 from loft.core.errors import AuthenticationError, ConfigError, NotFoundError
+from loft.core.sqlite import SqliteFile
 from loft.portal.roles import ROLE_HELP, ROLES
 
 # portal.db may hold the tables of more than one part of loft (labelling comes later), each
@@ -180,42 +179,14 @@ class PortalStore:
 
             path = loft_home() / "portal.db"
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._ready = False
+        self._db = SqliteFile(self.path, self._create_or_migrate, rows=True, foreign_keys=True)
         self._dummy_hash: str | None = None
 
     # -- the database --------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A connection in a transaction (committed on success, rolled back on error)."""
-        if not self._ready:
-            self._init()
-        conn = sqlite3.connect(self.path, timeout=30)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys = ON")
-        try:
-            with conn:
-                yield conn
-        finally:
-            conn.close()
-
-    def _init(self) -> None:
-        with self._lock:
-            if self._ready:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            with contextlib.closing(conn):
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")  # one process creates or migrates at a time
-                try:
-                    self._create_or_migrate(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            self._ready = True
+        return self._db.transaction()
 
     def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute(

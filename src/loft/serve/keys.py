@@ -30,7 +30,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import AuthenticationError, ConfigError, NotFoundError, RateLimitedError
+from loft.core.sqlite import SqliteFile
 
 SCHEMA_VERSION = 2
 CACHE_SECONDS = 5.0
@@ -180,39 +181,10 @@ class KeyStore:
             path = loft_home() / "keys.db"
         self.path = Path(path)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._ready = False
+        self._db = SqliteFile(self.path, self._create_or_migrate)
         # id -> (record, salt, hash, cached_at)
         self._cache: dict[str, tuple[KeyRecord, str, str, float]] = {}
         self._touched: dict[str, float] = {}  # id -> when this process last wrote last_used
-
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        if not self._ready:
-            self._init()
-        conn = sqlite3.connect(self.path, timeout=30)
-        try:
-            with conn:
-                yield conn
-        finally:
-            conn.close()
-
-    def _init(self) -> None:
-        with self._lock:
-            if self._ready:
-                return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            with contextlib.closing(conn):
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("BEGIN IMMEDIATE")  # one process creates or migrates at a time
-                try:
-                    self._create_or_migrate(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            self._ready = True
 
     def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -280,7 +252,7 @@ class KeyStore:
         now = self._clock()
         expiry = parse_expires(expires, now=now) if expires else None
         salt = secrets.token_hex(16)
-        with self._connect() as conn:
+        with self._db.transaction() as conn:
             if conn.execute(
                 "SELECT 1 FROM keys WHERE name = ? AND revoked IS NULL", (name,)
             ).fetchone():
@@ -347,19 +319,19 @@ class KeyStore:
             pass
 
     def _load(self, kid: str, now: float) -> tuple[KeyRecord, str, str, float] | None:
-        with self._connect() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM keys WHERE id = ?", (kid,)).fetchone()
         return None if row is None else (_record(row), row[10], row[11], now)
 
     def list_keys(self, include_revoked: bool = False) -> list[KeyRecord]:
         where = "" if include_revoked else "WHERE revoked IS NULL"
-        with self._connect() as conn:
+        with self._db.transaction() as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM keys {where} ORDER BY rowid")
             return [_record(r) for r in rows.fetchall()]
 
     def revoke(self, name_or_prefix: str) -> KeyRecord:
         """Revoke the live key with this name or id; NotFoundError if there is none."""
-        with self._connect() as conn:
+        with self._db.transaction() as conn:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM keys WHERE revoked IS NULL AND (name = ? OR id = ?)",
                 (name_or_prefix, name_or_prefix),
