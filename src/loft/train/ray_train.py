@@ -6,7 +6,8 @@
 This driver runs on the cluster (``ray.init()`` joins the job's cluster). Each worker is one rank:
 Ray Train has initialised the process group and set RANK, WORLD_SIZE, LOCAL_RANK,
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT (and chosen its GPU), so ``distributed.setup`` uses
-that group; the rank then runs the command in-process through loft's CLI, as a torchrun rank does.
+that group; the rank then runs the command in-process through the package API the CLI's ``loft
+train`` calls (a torchrun rank runs it through the CLI).
 Placement: one CPU per rank (plus one GPU where the cluster has GPUs), packed on as few nodes as
 possible, or spread over them when ``nodes`` > 1. After a rank fails Ray Train stops them all and
 starts a new group, ``max_restarts`` times (FailureConfig.max_failures); the new ranks see
@@ -112,14 +113,6 @@ def _fit(run_dir: Path, world: int, name: str, command: list[str]) -> int:
     return 0
 
 
-def _config(command: list[str]) -> Any:
-    """The config ``loft train CONFIG --set ...`` loads (the command loft.cli.train builds)."""
-    from loft.core.config import load_config
-
-    sets = [command[i + 1] for i, a in enumerate(command[:-1]) if a == "--set"]
-    return load_config(Path(command[1]), sets)
-
-
 def _next_attempt(logs: Path) -> int:
     """The number of the next start of the ranks in this run directory."""
     done = [p.name[len(ATTEMPT) :] for p in logs.glob(f"{ATTEMPT}*")]
@@ -148,19 +141,47 @@ def _rank(cfg: dict[str, Any]) -> None:
     atomic_write_text(logs / f"rank_{rank}.pid", f"{os.getpid()}\n")
     log = logs / f"rank_{rank}.log"
     with _tee(log, console=rank == 0):
-        code = _run_cli(cfg["command"])
+        code = _run_train(cfg["command"])
     if code:
         raise RuntimeError(f"rank {rank}: loft train exited with {code}; its output is in {log}")
 
 
-def _run_cli(command: list[str]) -> int:
-    """``loft COMMAND`` in this process, through the CLI a torchrun rank runs; its exit code."""
-    from loft.cli.main import main
+def _train_args(command: list[str]) -> argparse.Namespace:
+    """The ``train CONFIG [--set K=V ...] [-q] [--resume] [--force]`` the client forwards."""
+    p = argparse.ArgumentParser(prog="loft", add_help=False)
+    p.add_argument("verb", choices=["train"])
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true")
+    return p.parse_args(command)
 
+
+def _config(command: list[str]) -> Any:
+    """The config ``loft train CONFIG --set ...`` loads."""
+    from loft.core.config import load_config
+
+    args = _train_args(command)
+    return load_config(args.config, args.sets)
+
+
+def _run_train(command: list[str]) -> int:
+    """This rank's ``loft train``, through the package API the command calls (train/ imports
+    no cli/); its exit code. A torchrun rank runs `loft train` itself, as a process."""
+    from loft.train import train
+
+    args = _train_args(command)
     try:
-        main(command)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        result = train(
+            _config(command), resume=args.resume, progress=not args.quiet, force=args.force
+        )
+    except LoftError as e:
+        print(f"error: {e.message}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
+        return exit_code_for(e)
+    s = result.summary
+    print(f"done: {s['steps']} steps, {s['train_tokens']:,} tokens, output {s['output_path']}")
+    print(result.run_dir)
     return 0
 
 
