@@ -350,18 +350,16 @@ def test_a_gpu_worker_hands_its_devices_to_each_job(tmp_path, loft_home):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_loft_up_runs_a_worker_and_the_server_and_stops_both(tmp_path, tiny_model, loft_home):
+def test_loft_up_runs_workers_server_and_portal_and_stops_them(tmp_path, tiny_model, loft_home):
     import urllib.request
 
-    from helpers import descendants, start_loft
+    from helpers import descendants, free_port, start_loft
     from loft.jobs import JobStore
 
-    with contextlib.closing(__import__("socket").socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, portal = free_port(), free_port()
     proc = start_loft(
-        "up", "--workers", "1", "--", "--no-auth", "--base-model", str(tiny_model),
-        "--port", str(port), stdout=subprocess.DEVNULL,
+        "up", "--workers", "1", "--portal-port", str(portal), "--", "--no-auth",
+        "--base-model", str(tiny_model), "--port", str(port), stdout=subprocess.DEVNULL,
     )  # fmt: skip
     children: list[int] = []
     try:
@@ -374,13 +372,15 @@ def test_loft_up_runs_a_worker_and_the_server_and_stops_both(tmp_path, tiny_mode
                 return False
 
         _wait(healthy, 300)
+        with urllib.request.urlopen(f"http://127.0.0.1:{portal}/login", timeout=10) as r:
+            assert r.status == 200 and b"csrf-token" in r.read()  # the portal, same LOFT_HOME
         turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
         data = tmp_path / "d.jsonl"
         data.write_text(json.dumps({"messages": turns}) + "\n")
         job = JobStore().submit("data-validate", {"args": [str(data)]}, owner="ann")
         _wait(lambda: JobStore().get(job.id).status == "SUCCEEDED", 120)
         children = descendants(proc.pid)
-        assert len(children) >= 2  # the worker and the server
+        assert len(children) >= 3  # the worker, the server and the portal
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:
@@ -391,7 +391,7 @@ def test_loft_up_runs_a_worker_and_the_server_and_stops_both(tmp_path, tiny_mode
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c, signal.SIGKILL)
     assert proc.returncode == 0, err[-2000:]
-    assert "loft up: worker 0 (pid" in err and "server (pid" in err
+    assert "loft up: worker 0 (pid" in err and "server (pid" in err and "portal (pid" in err
     assert not any(Path(f"/proc/{c}").exists() for c in children)  # both stopped with it
     assert not healthy()
 

@@ -377,18 +377,26 @@ def register_up(root: typer.Typer) -> None:
             None, metavar="[-- SERVE_ARGS]", help="Options for `loft serve` (after --)."
         ),
         workers: int = typer.Option(1, "--workers", min=0, help="Job workers to run here."),
-        no_serve: bool = typer.Option(False, "--no-serve", help="Workers only, no model server."),
+        no_serve: bool = typer.Option(False, "--no-serve", help="No model server."),
+        no_portal: bool = typer.Option(False, "--no-portal", help="No portal."),
+        portal_port: int = typer.Option(8600, "--portal-port", help="The portal's port."),
+        portal_host: str = typer.Option(
+            "127.0.0.1", "--portal-host", help="The portal's interface (0.0.0.0: your network)."
+        ),
         gpus: str | None = typer.Option(None, "--gpus", help="Passed to each worker."),
     ) -> None:
-        """Start this machine's part of the deployment: job workers and the model server
-        (`loft serve`, 127.0.0.1:8000 unless SERVE_ARGS say otherwise), supervised together.
-        SIGTERM or Ctrl-C stops all of them; running jobs go back to the queue."""
+        """Start this machine's part of the deployment: job workers, the model server
+        (`loft serve`, 127.0.0.1:8000 unless SERVE_ARGS say otherwise) and the portal (`loft
+        portal`, 127.0.0.1:8600), supervised together. SIGTERM or Ctrl-C stops all of them;
+        running jobs go back to the queue. If one exits, the others are stopped."""
         from loft.jobs.up import up
 
         worker_args = ["--gpus", gpus] if gpus else []
+        portal_args = ["--host", portal_host, "--port", str(portal_port)]
         code = up(
             workers=workers, worker_args=worker_args,
             serve_args=None if no_serve else list(serve_args or []),
+            portal_args=None if no_portal else portal_args,
             say=lambda m: err_console.print(m, markup=False, soft_wrap=True),
         )  # fmt: skip
         raise typer.Exit(code)

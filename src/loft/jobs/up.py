@@ -1,8 +1,8 @@
-"""``loft up``: this machine's share of a deployment in one command: ``--workers`` job workers and
-the model server (``loft serve``, on 127.0.0.1 unless told otherwise), each in its own process
-group, supervised together. SIGTERM or Ctrl-C stops them all (a running job checkpoints and goes
-back to the queue); if one of them exits on its own, the others are stopped and ``loft up``
-exits non-zero, so a service manager restarts the set."""
+"""``loft up``: this machine's share of a deployment in one command: ``--workers`` job workers, the
+model server (``loft serve``, on 127.0.0.1 unless told otherwise) and the portal (``loft portal``),
+each in its own process group, supervised together. SIGTERM or Ctrl-C stops them all (a running
+job checkpoints and goes back to the queue); if one of them exits on its own, the others are
+stopped and ``loft up`` exits non-zero, so a service manager restarts the set."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def up(
     workers: int = 1,
     worker_args: list[str] | None = None,
     serve_args: list[str] | None = None,
+    portal_args: list[str] | None = None,
     say: Callable[[str], None] = lambda _m: None,
 ) -> int:
     """Run until stopped; returns the exit code (0 when stopped by a signal)."""
@@ -32,6 +33,8 @@ def up(
         procs[f"worker {i}"] = _start(["worker", *(worker_args or [])])
     if serve_args is not None:
         procs["server"] = _start(["serve", *serve_args])
+    if portal_args is not None:
+        procs["portal"] = _start(["portal", *portal_args])
     say("loft up: " + ", ".join(f"{name} (pid {p.pid})" for name, p in procs.items()))
     stopping: list[int] = []
 
