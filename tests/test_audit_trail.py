@@ -177,3 +177,25 @@ def test_concurrent_appends_from_processes_keep_one_chain(loft_home):
             int(e["target"].split("-")[1]) for e in reversed(entries) if e["actor"] == f"proc{w}"
         ]
         assert mine == list(range(25))
+
+
+@pytest.mark.unit
+def test_loft_audit_trail_and_verify_commands(loft_home, capsys):
+    """`loft audit trail` shows the newest entries (filtered, as JSON lines with --json) and
+    `loft audit verify` exits 0 on an intact chain, 1 naming the first edited line."""
+    from helpers import run_cli
+
+    _fill(4)
+    assert run_cli("audit", "trail", "--json", "--actor", "user0") == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["seq"], e["actor"]) for e in shown] == [(4, "user0"), (1, "user0")]
+    assert run_cli("audit", "trail", "-n", "2") == 0
+    assert "thing.do1" in capsys.readouterr().out
+    assert run_cli("audit", "verify") == 0
+    assert "4 entries, chain intact" in capsys.readouterr().out
+    path = loft_home / "audit" / "trail.jsonl"
+    lines = _lines(path)
+    lines[2] = lines[2].replace('"t2"', '"t9"')
+    path.write_text("".join(lines))
+    assert run_cli("audit", "verify") == 1
+    assert "BROKEN at line 3: hash does not match" in capsys.readouterr().err

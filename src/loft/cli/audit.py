@@ -1,4 +1,5 @@
-"""loft audit: memorisation audits of trained models (canary exposure)."""
+"""loft audit: memorisation audits of trained models (canary exposure), and the audit trail of
+every state change (LOFT_HOME/audit/trail.jsonl, hash-chained)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,58 @@ from typing import Any
 import typer
 
 app = typer.Typer(
-    help="Audit what a trained model memorised (canaries inserted with `data.canaries: N`).",
+    help="Audit what a trained model memorised (canaries inserted with `data.canaries: N`), "
+    "and read or verify the audit trail of state changes.",
     no_args_is_help=True,
 )
+
+
+@app.command("trail")
+def trail_cmd(
+    limit: int = typer.Option(20, "--limit", "-n", min=1, max=10_000, help="Entries to show."),
+    offset: int = typer.Option(0, "--offset", min=0, help="Skip this many (newest first)."),
+    actor: str | None = typer.Option(None, "--actor", help="Only this user's entries."),
+    action: str | None = typer.Option(None, "--action", help="Only this action (user.add, ...)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """The newest entries of the audit trail (LOFT_HOME/audit/trail.jsonl): who changed what."""
+    import json
+
+    from loft.cli.output import console
+    from loft.core import audit
+
+    entries = audit.read(limit, offset, actor, action)
+    if json_out:
+        for e in entries:
+            print(json.dumps(e, sort_keys=True))
+        return
+    if not entries:
+        console.print(f"no entries in {audit.trail_path()}", markup=False)
+        return
+    from rich.table import Table
+
+    table = Table(title=str(audit.trail_path()))
+    for col in ("seq", "time (UTC)", "actor", "action", "target", "details"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        details = json.dumps(e["details"], sort_keys=True) if e.get("details") else ""
+        table.add_row(str(e["seq"]), e["ts"], e["actor"], e["action"], str(e["target"]), details)
+    console.print(table)
+
+
+@app.command("verify")
+def verify_cmd() -> None:
+    """Check the audit trail's hash chain end to end: exit 0 when intact, 1 naming the first
+    line that was edited, removed, added or moved (or cut short)."""
+    from loft.cli.output import console, err_console
+    from loft.core import audit
+
+    ok, _entries, _bad, reason = audit.verify()
+    if ok:
+        console.print(f"{audit.trail_path()}: {reason}", markup=False)
+        return
+    err_console.print(f"{audit.trail_path()}: BROKEN at {reason}", markup=False)
+    raise typer.Exit(1)
 
 
 @app.command("canaries")
