@@ -225,6 +225,36 @@ def test_fsdp_checkpoint_resumes_on_one_rank(tmp_path, loft_home, reference):
     assert _max_diff(_adapter(out), ref_adapter) <= 1e-5
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "dora"])
+def test_fsdp_full_and_dora_equal_one_process(tmp_path, loft_home, tiny_model, method):
+    """FSDP2 beyond LoRA. A full fine-tune trains sharded layer weights and replicated embeddings
+    and norms together (two optimizer groups: one foreach step cannot mix DTensors and tensors);
+    DoRA adds magnitude vectors to the sharded layers. Losses and every tensor written equal one
+    process's (<= 1e-5)."""
+    cfg = dict(_config(tmp_path / "one", tiny_model), method=method)
+    one = _train(tmp_path / "one", cfg)
+    cfg = dict(cfg, output_dir=str(tmp_path / "two" / "run"))
+    (tmp_path / "two").mkdir()
+    fsdp = ("--set", "training.distributed.strategy=fsdp", "--set", "training.distributed.nproc=2")
+    two = _train(tmp_path / "two", cfg, *fsdp)
+    (_, la), (b, lb) = _history(one), _history(two)
+    assert b["distributed"] == {"strategy": "fsdp", "world_size": 2}
+    assert _max_rel(lb, la) <= 1e-5, (lb, la)
+
+    def written(run_dir: Path) -> dict:
+        out = run_dir / ("model" if method == "full" else "adapter")
+        return {
+            k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+        }  # fmt: skip
+
+    wa, wb = written(one), written(two)
+    assert len(wa) > 10 and _max_diff(wb, wa) <= 1e-5
+    if method == "dora":
+        assert any("magnitude" in k for k in wa)
+
+
 # ---------------------------------------------------------------- a rank killed under torchrun
 
 KILL_STEPS = 24

@@ -294,6 +294,23 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> list[torch.nn.Module]:
     return layers
 
 
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: the trainable parameters of the decoder layers, then
+    the others (embeddings, final norm, an untied LM head: a full fine-tune's), each group in
+    model order. Under fsdp the first are sharded and the others replicated, and one foreach
+    step cannot mix the two; the groups are the same on any number of ranks, so a checkpoint
+    resumes anywhere. Adapters live in the layers: one group, as before."""
+    from loft.train.loss import _causal_lm
+
+    in_layers = {
+        id(p) for layer in _causal_lm(model).get_decoder().layers for p in layer.parameters()
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layered = [p for p in trainable if id(p) in in_layers]
+    rest = [p for p in trainable if id(p) not in in_layers]
+    return [{"params": g} for g in (layered, rest) if g]
+
+
 def set_grad_sync(layers: list[torch.nn.Module], sync: bool) -> None:
     """Reduce-scatter gradients only on a step's last pass (they accumulate locally before)."""
     for layer in layers:

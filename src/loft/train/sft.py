@@ -412,8 +412,8 @@ def _optimizer(config: TrainConfig, model: torch.nn.Module, total_steps: int):
     from transformers import get_scheduler
 
     t = config.training
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
+    groups = distributed.param_groups(model)
+    opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
     warmup = int(round(t.warmup_ratio * total_steps))
     sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total_steps)
