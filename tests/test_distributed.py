@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -289,16 +290,12 @@ def _rank_pid(agent: int, local_rank: int) -> int | None:
     return None
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("victim", [1, 0])
-def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
-    tmp_path, loft_home, tiny_model, victim
-):
-    """A rank SIGKILLed after the first checkpoint: torchrun (max_restarts 1) restarts both
-    ranks, they resume from the newest checkpoint, and the run ends with the adapter an
-    uninterrupted single-process run writes (max abs diff <= 1e-5). Rank 0 (the run directory,
-    the MLflow run) and rank 1 are each killed once."""
+def killed_run(tmp_path: Path, tiny_model: Path, *args: str, victim: Any) -> tuple[Path, dict]:
+    """A 24-step 2-rank DDP run (max_restarts 1), ``loft train CONFIG -q *args``, whose rank
+    ``victim(proc, run_dir)`` (a pid, or None while not known) is SIGKILLed after the first
+    checkpoint. Asserts the run finishes, resumed once from a checkpoint at or after the kill,
+    with the adapter of an uninterrupted single-process run (<= 1e-5) in the run directory it
+    printed; returns (run directory, summary)."""
     cfg = tiny_config(tmp_path / "ref", tiny_model, max_steps=KILL_STEPS, micro_batch_size=2)
     cfg["training"].update(grad_accum=3, save_every=4, eval_every=KILL_STEPS)
     cfg["register"] = False
@@ -309,12 +306,12 @@ def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
     dist = {"strategy": "ddp", "nproc": 2, "max_restarts": 1}
     training = {**cfg["training"], "distributed": dist}
     path.write_text(yaml.safe_dump({**cfg, "output_dir": str(run_dir), "training": training}))
-    proc = start_loft("train", str(path), "-q", env=ONE_THREAD)
+    proc = start_loft("train", str(path), "-q", *args, env=ONE_THREAD)
     try:
         deadline = time.monotonic() + 300
         pid = None
         while time.monotonic() < deadline and proc.poll() is None:
-            pid = pid or _rank_pid(proc.pid, victim)
+            pid = pid or victim(proc, run_dir)
             if pid and checkpoint_dirs(run_dir):
                 break
             time.sleep(0.02)
@@ -332,6 +329,22 @@ def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
     assert first["start_step"] == 0 and resumed["resumed_from"] is not None
     assert killed_after <= resumed["resumed_from"] < f"step-{KILL_STEPS:08d}"
     assert resumed["steps_run"] == KILL_STEPS - resumed["start_step"] < KILL_STEPS
+    assert _max_diff(_adapter(run_dir), reference) <= 1e-5
+    return run_dir, summary
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
+    tmp_path, loft_home, tiny_model, victim
+):
+    """A rank SIGKILLed after the first checkpoint: torchrun (max_restarts 1) restarts both
+    ranks, they resume from the newest checkpoint, and the run ends with the adapter an
+    uninterrupted single-process run writes (max abs diff <= 1e-5). Rank 0 (the run directory,
+    the MLflow run) and rank 1 are each killed once."""
+    run_dir, _ = killed_run(
+        tmp_path, tiny_model, victim=lambda proc, _run_dir: _rank_pid(proc.pid, victim)
+    )
     attempts = sorted(p.name for p in (run_dir / "logs").glob("*/attempt_*"))
     assert attempts == ["attempt_0", "attempt_1"]  # both attempts' logs are kept
-    assert _max_diff(_adapter(run_dir), reference) <= 1e-5
