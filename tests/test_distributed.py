@@ -348,3 +348,30 @@ def test_rank_killed_under_torchrun_restarts_and_finishes_equal(
     )
     attempts = sorted(p.name for p in (run_dir / "logs").glob("*/attempt_*"))
     assert attempts == ["attempt_0", "attempt_1"]  # both attempts' logs are kept
+
+
+@pytest.mark.unit
+def test_a_one_group_optimizer_checkpoint_loads_into_the_two_groups(tiny_model):
+    """Full fine-tunes' checkpoints from before the optimizer had two groups (one group, model
+    order) load into the two groups with every parameter's own state."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loft.train.checkpoint import _regrouped
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    old = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    saved = old.state_dict()
+    groups = distributed.param_groups(model)
+    assert len(groups) == 2  # a full fine-tune: layer weights, then embeddings and norms
+    new = torch.optim.AdamW(groups, lr=1e-3)
+    new.load_state_dict(_regrouped(saved, model, new))
+    for p in params:
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    assert [g["params"] for g in new.param_groups] == [g["params"] for g in groups]
+    grouped = new.state_dict()
+    assert _regrouped(grouped, model, new) is grouped  # already in groups: as it is

@@ -78,6 +78,27 @@ def save_checkpoint(
     return final
 
 
+def _regrouped(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A checkpoint from before the optimizer had one group per kind of parameter (2e9ee00: a
+    full fine-tune's layer weights, then the rest) holds one group in model order: its states
+    are renumbered into the optimizer's groups. Any other state is returned as it is."""
+    groups = optimizer.param_groups
+    if len(state["param_groups"]) != 1 or len(groups) == 1:
+        return state
+    order = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+    flat = [order[id(p)] for g in groups for p in g["params"]]
+    if len(flat) != len(state["param_groups"][0]["params"]):
+        return state  # not that checkpoint: load_state_dict says what does not match
+    old = state["param_groups"][0]
+    new_groups, start = [], 0
+    for g in groups:
+        n = len(g["params"])
+        new_groups.append({**old, "params": list(range(start, start + n))})
+        start += n
+    states = {j: state["state"][i] for j, i in enumerate(flat) if i in state["state"]}
+    return {"state": states, "param_groups": new_groups}
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -109,6 +130,7 @@ def load_checkpoint(
     with torch.no_grad():
         for n, t in params.items():
             named[n].copy_(place.place_like(named[n], t) if place is not None else t)
+    opt_state = _regrouped(opt_state, model, optimizer)
     if place is not None:
         opt_state = place.place_optimizer_state(optimizer, opt_state)
     optimizer.load_state_dict(opt_state)
