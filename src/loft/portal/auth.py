@@ -89,10 +89,15 @@ def session_hours() -> float:
     return hours
 
 
+def store_of(request: Request) -> PortalStore:
+    """The app's PortalStore (loft.portal.app puts it in ``app.state``)."""
+    return request.app.state.store
+
+
 def authenticate(request: Request) -> Principal:
     """The caller, from a Bearer token or else the session cookie; AuthenticationError if
     neither is valid. Blocking (SQLite): call it from a thread."""
-    store: PortalStore = request.app.state.store
+    store = store_of(request)
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.strip().partition(" ")
@@ -211,7 +216,7 @@ def sign_in(request: Request, name: str, password: str) -> tuple[str, Session]:
     """Check the throttle and the password, open a session: ``(session id, session)``."""
     throttle: LoginThrottle = request.app.state.login_throttle
     throttle.check(name)
-    store: PortalStore = request.app.state.store
+    store = store_of(request)
     try:
         session_id, session = store.login(
             name, password, hours=session_hours(), context=context(request, "web")

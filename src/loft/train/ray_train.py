@@ -60,7 +60,7 @@ def _fit(run_dir: Path, world: int, name: str, command: list[str]) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = _config(command)
+    config = _config(_train_args(command))
     d = config.training.distributed
     ray.init()  # inside a Ray job: the job's cluster
     resources = ray.cluster_resources()
@@ -158,11 +158,10 @@ def _train_args(command: list[str]) -> argparse.Namespace:
     return p.parse_args(command)
 
 
-def _config(command: list[str]) -> Any:
+def _config(args: argparse.Namespace) -> Any:
     """The config ``loft train CONFIG --set ...`` loads."""
     from loft.core.config import load_config
 
-    args = _train_args(command)
     return load_config(args.config, args.sets)
 
 
@@ -173,9 +172,7 @@ def _run_train(command: list[str]) -> int:
 
     args = _train_args(command)
     try:
-        result = train(
-            _config(command), resume=args.resume, progress=not args.quiet, force=args.force
-        )
+        result = train(_config(args), resume=args.resume, progress=not args.quiet, force=args.force)
     except LoftError as e:
         print(f"error: {e.message}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
         return exit_code_for(e)

@@ -76,7 +76,7 @@ def logout(request: Request, me: Principal = signed_in()) -> Response:
             "a request authenticated with an API token has no session to end.",
             hint="Revoke the token instead (DELETE /api/tokens/{id}).",
         )
-    request.app.state.store.logout(me.session, context=auth.context(request, "web"))
+    auth.store_of(request).logout(me.session, context=auth.context(request, "web"))
     response = RedirectResponse("/login", status_code=303)
     auth.clear_session_cookie(response, request)
     return response

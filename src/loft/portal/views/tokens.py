@@ -12,15 +12,11 @@ from pydantic import BaseModel, ConfigDict
 from loft.core.errors import LoftError, http_status_for
 from loft.portal import auth
 from loft.portal.auth import Principal, require
-from loft.portal.store import PortalStore, Token
+from loft.portal.store import Token
 from loft.portal.ui import Page, paging, render
 
 router = APIRouter()
 OWN = "tokens.own"
-
-
-def _store(request: Request) -> PortalStore:
-    return request.app.state.store
 
 
 def _page(
@@ -33,7 +29,7 @@ def _page(
     created: Token | None = None,
     secret: str | None = None,
 ) -> Response:
-    tokens, total = _store(request).list_tokens(me.name, page.limit, page.offset)
+    tokens, total = auth.store_of(request).list_tokens(me.name, page.limit, page.offset)
     return render(
         request, "tokens.html", me, status=http_status_for(error) if error else 200,
         tokens=tokens, notice=notice, error=error, created=created, secret=secret,
@@ -49,7 +45,7 @@ def tokens_page(request: Request, me: Principal = require(OWN), page: Page = Dep
 @router.post("/tokens")
 def create_form(request: Request, me: Principal = require(OWN), name: str = Form(...)) -> Response:
     try:
-        token, secret = _store(request).create_token(
+        token, secret = auth.store_of(request).create_token(
             me.name, name.strip(), actor=me.name, context=auth.context(request, me.via)
         )
     except LoftError as e:
@@ -60,7 +56,7 @@ def create_form(request: Request, me: Principal = require(OWN), name: str = Form
 @router.post("/tokens/{token_id}/revoke")
 def revoke_form(request: Request, token_id: str, me: Principal = require(OWN)) -> Response:
     try:
-        token = _store(request).revoke_token(
+        token = auth.store_of(request).revoke_token(
             me.name, token_id, actor=me.name, context=auth.context(request, me.via)
         )
     except LoftError as e:
@@ -77,14 +73,14 @@ class NewToken(BaseModel):
 def list_tokens(
     request: Request, me: Principal = require(OWN), page: Page = Depends(paging)
 ) -> dict[str, Any]:
-    tokens, total = _store(request).list_tokens(me.name, page.limit, page.offset)
+    tokens, total = auth.store_of(request).list_tokens(me.name, page.limit, page.offset)
     return page.body([t.to_dict() for t in tokens], total=total)
 
 
 @router.post("/api/tokens", status_code=201)
 def create_token(request: Request, body: NewToken, me: Principal = require(OWN)) -> dict[str, Any]:
     """The new token with its secret under ``token``: the only time it is shown."""
-    token, secret = _store(request).create_token(
+    token, secret = auth.store_of(request).create_token(
         me.name, body.name, actor=me.name, context=auth.context(request, me.via)
     )
     return {**token.to_dict(), "token": secret}
@@ -92,7 +88,7 @@ def create_token(request: Request, body: NewToken, me: Principal = require(OWN))
 
 @router.delete("/api/tokens/{token_id}")
 def revoke_token(request: Request, token_id: str, me: Principal = require(OWN)) -> dict[str, Any]:
-    token = _store(request).revoke_token(
+    token = auth.store_of(request).revoke_token(
         me.name, token_id, actor=me.name, context=auth.context(request, me.via)
     )
     return token.to_dict()

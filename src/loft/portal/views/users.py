@@ -14,15 +14,11 @@ from loft.core.errors import ConfigError, LoftError, http_status_for
 from loft.portal import auth
 from loft.portal.auth import Principal, require
 from loft.portal.roles import ROLES
-from loft.portal.store import PortalStore, User, check_password, check_role
+from loft.portal.store import User, check_password, check_role
 from loft.portal.ui import Page, paging, render
 
 router = APIRouter()
 MANAGE = "users.manage"
-
-
-def _store(request: Request) -> PortalStore:
-    return request.app.state.store
 
 
 def _page(
@@ -33,7 +29,7 @@ def _page(
     notice: str | None = None,
     error: LoftError | None = None,
 ) -> Response:
-    users, total = _store(request).list_users(page.limit, page.offset)
+    users, total = auth.store_of(request).list_users(page.limit, page.offset)
     return render(
         request, "users.html", me, status=http_status_for(error) if error else 200,
         users=users, total=total, roles=ROLES, notice=notice, error=error,
@@ -63,7 +59,7 @@ def add_user_form(
     role: str = Form(...),
     password: str = Form(...),
 ) -> Response:
-    store = _store(request)
+    store = auth.store_of(request)
     return _act(
         request, me,
         lambda ctx: store.add_user(name.strip(), role, password, actor=me.name, context=ctx),
@@ -75,7 +71,7 @@ def add_user_form(
 def set_role_form(
     request: Request, name: str, me: Principal = require(MANAGE), role: str = Form(...)
 ) -> Response:
-    store = _store(request)
+    store = auth.store_of(request)
     return _act(
         request, me,
         lambda ctx: store.set_role(name, role, actor=me.name, context=ctx),
@@ -85,7 +81,7 @@ def set_role_form(
 
 @router.post("/users/{name}/disable")
 def disable_form(request: Request, name: str, me: Principal = require(MANAGE)) -> Response:
-    store = _store(request)
+    store = auth.store_of(request)
     return _act(
         request, me,
         lambda ctx: store.set_disabled(name, True, actor=me.name, context=ctx),
@@ -95,7 +91,7 @@ def disable_form(request: Request, name: str, me: Principal = require(MANAGE)) -
 
 @router.post("/users/{name}/enable")
 def enable_form(request: Request, name: str, me: Principal = require(MANAGE)) -> Response:
-    store = _store(request)
+    store = auth.store_of(request)
     return _act(
         request, me,
         lambda ctx: store.set_disabled(name, False, actor=me.name, context=ctx),
@@ -107,7 +103,7 @@ def enable_form(request: Request, name: str, me: Principal = require(MANAGE)) ->
 def password_form(
     request: Request, name: str, me: Principal = require(MANAGE), password: str = Form(...)
 ) -> Response:
-    store = _store(request)
+    store = auth.store_of(request)
     return _act(
         request, me,
         lambda ctx: store.set_password(name, password, actor=me.name, context=ctx),
@@ -136,13 +132,13 @@ class UserChange(BaseModel):
 def list_users(
     request: Request, me: Principal = require(MANAGE), page: Page = Depends(paging)
 ) -> dict[str, Any]:
-    users, total = _store(request).list_users(page.limit, page.offset)
+    users, total = auth.store_of(request).list_users(page.limit, page.offset)
     return page.body([u.to_dict() for u in users], total=total)
 
 
 @router.post("/api/users", status_code=201)
 def add_user(request: Request, body: NewUser, me: Principal = require(MANAGE)) -> dict[str, Any]:
-    user = _store(request).add_user(
+    user = auth.store_of(request).add_user(
         body.name, body.role, body.password, actor=me.name, context=auth.context(request, me.via)
     )
     return user.to_dict()
@@ -152,7 +148,7 @@ def add_user(request: Request, body: NewUser, me: Principal = require(MANAGE)) -
 def change_user(
     request: Request, name: str, body: UserChange, me: Principal = require(MANAGE)
 ) -> dict[str, Any]:
-    store, ctx = _store(request), auth.context(request, me.via)
+    store, ctx = auth.store_of(request), auth.context(request, me.via)
     if body.role is None and body.disabled is None and body.password is None:
         raise ConfigError(
             "nothing to change: give one or more of role, disabled, password.",
