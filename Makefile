@@ -46,8 +46,12 @@ servers:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 
+# two workers, whole files each (module fixtures and the servers a file starts stay in one process):
+# the suite is half waiting on subprocesses and servers, so the second core is otherwise idle.
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install install-export servers
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the inner loop: unit tests only (in-process, tiny models; ~1.5 min on 2 cores, budget 3 min)
 test-fast: install
