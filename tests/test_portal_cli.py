@@ -176,3 +176,36 @@ def test_every_template_and_static_file_is_package_data():
     missing = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/")
                                            for g in globs)]  # fmt: skip
     assert not missing, f"add to [tool.setuptools.package-data] in pyproject.toml: {missing}"
+
+
+@pytest.mark.unit
+def test_the_listener_gives_connections_tcp_nodelay():
+    """`loft portal` and `loft serve` listen on bind_listener's socket; asyncio sets TCP_NODELAY
+    only on sockets whose proto is TCP. Without it, Nagle held each response on a kept-alive
+    connection until the client's delayed ACK (~40 ms per request after the first)."""
+    import asyncio
+    import socket
+
+    from loft.cli.serve import bind_listener
+
+    sock = bind_listener("127.0.0.1", 0, what="port", fix="-")
+    seen: list[int] = []
+
+    async def main() -> None:
+        def handle(reader, writer):  # type: ignore[no-untyped-def]
+            raw = writer.get_extra_info("socket")
+            seen.append(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        port = sock.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
