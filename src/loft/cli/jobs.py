@@ -26,10 +26,10 @@ _ROOT: list[typer.Typer] = []
 
 
 def _owner(owner: str | None) -> str:
-    import getpass
-    import os
 
-    return owner or os.environ.get("LOFT_USER") or getpass.getuser()
+    from loft.core.audit import who
+
+    return who(owner)
 
 
 def _check_args(kind: str, args: list[str]) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.console import Console
 
+from loft.core.units import human_size as human_size  # re-exported for the commands
+
 
 def _width(stream: Any) -> int | None:
     """A terminal's own width; when piped or redirected, COLUMNS if set, else wide enough that
@@ -27,15 +29,3 @@ err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 def print_json(obj: Any) -> None:
     """Machine-readable output: plain JSON on stdout, nothing else."""
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def human_size(n: int | None) -> str:
-    """Bytes in binary units (KiB, MiB, GiB), as `ls -h` and `du -h` show them."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"

@@ -29,6 +29,21 @@ FIELDS = ("seq", "ts", "actor", "action", "target", "details", "prev", "hash")
 _BLOCK = 64 * 1024
 
 
+def who(actor: str | None = None) -> str:
+    """The actor to record: ``actor`` when given, else the OS user ($LOFT_USER, else the login
+    name), else ``unknown``."""
+    if actor:
+        return actor
+    if os.environ.get("LOFT_USER"):
+        return os.environ["LOFT_USER"]
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
 def trail_path() -> Path:
     """``LOFT_HOME/audit/trail.jsonl`` (the folder is created; the file on the first append)."""
     from loft.core.paths import loft_home

@@ -59,3 +59,40 @@ class SqliteFile:
                     raise
                 conn.execute("COMMIT")
             self._ready = True
+
+
+def migrate_component(
+    conn: sqlite3.Connection,
+    path: Path,
+    component: str,
+    what: str,
+    schema: str,
+    migrations: dict[int, str],
+    version: int,
+) -> None:
+    """Create or upgrade one component's tables in a file several parts of loft share (e.g.
+    portal.db: accounts, labelling): its row in ``schema_version`` says which of ``migrations``
+    (version -> statements) it still needs; a file from a newer loft is refused."""
+    from loft.core.errors import ConfigError
+
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version "
+        "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+    )
+    row = conn.execute(
+        "SELECT version FROM schema_version WHERE component = ?", (component,)
+    ).fetchone()
+    have = row[0] if row else 0
+    if have > version:
+        raise ConfigError(
+            f"{path} has {what} schema version {have}; this loft understands up to {version}.",
+            hint="Upgrade loft (on every machine that opens this LOFT_HOME).",
+        )
+    script = schema if have == 0 else ";".join(migrations[v] for v in range(have + 1, version + 1))
+    for statement in filter(str.strip, script.split(";")):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO schema_version (component, version) VALUES (?, ?) "
+        "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+        (component, version),
+    )

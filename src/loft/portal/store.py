@@ -28,7 +28,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from loft.core import audit
 from loft.core.errors import AuthenticationError, ConfigError, NotFoundError
-from loft.core.sqlite import SqliteFile
+from loft.core.sqlite import SqliteFile, migrate_component
 from loft.portal.roles import ROLE_HELP, ROLES
 
 # portal.db may hold the tables of more than one part of loft (labelling comes later), each
@@ -189,31 +189,8 @@ class PortalStore:
         return self._db.transaction()
 
     def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version "
-            "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-        )
-        row = conn.execute(
-            "SELECT version FROM schema_version WHERE component = ?", (COMPONENT,)
-        ).fetchone()
-        version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
-            raise ConfigError(
-                f"{self.path} has portal accounts schema version {version}; this loft "
-                f"understands up to {SCHEMA_VERSION}.",
-                hint="Upgrade loft (on every machine that opens this LOFT_HOME).",
-            )
-        if version == 0:
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                conn.execute(statement)
-        else:
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in filter(str.strip, MIGRATIONS[v].split(";")):
-                    conn.execute(statement)
-        conn.execute(
-            "INSERT INTO schema_version (component, version) VALUES (?, ?) "
-            "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-            (COMPONENT, SCHEMA_VERSION),
+        migrate_component(
+            conn, self.path, COMPONENT, "portal accounts", SCHEMA, MIGRATIONS, SCHEMA_VERSION
         )
 
     @staticmethod

@@ -6,26 +6,17 @@ under the model's lock): who, when, alias, from, to, why, gate results, forced, 
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 from datetime import UTC, datetime
 from typing import Any
 
+from loft.core import audit
 from loft.core.errors import IntegrityError, NotFoundError
 from loft.registry.names import check_alias, check_name, model_dir
 from loft.registry.store import MlflowReader, _aliases, _lock, client, get_version, reader
 
 HISTORY = "history.jsonl"
-
-
-def _who(actor: str | None) -> str:
-    if actor:
-        return actor
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def append_history(name: str, entry: dict[str, Any]) -> None:
@@ -59,7 +50,7 @@ def move_alias(
         previous = _aliases(MlflowReader(c), name).get(alias)
         c.set_registered_model_alias(name, alias, str(target.version))
         entry = {
-            "who": _who(actor),
+            "who": audit.who(actor),
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "alias": alias,
             "from": previous,
@@ -109,8 +100,11 @@ def previous_version(name: str, alias: str) -> int | None:
     return stack[-1] if stack else None
 
 
-def rollback(name: str, alias: str = "champion", *, reason: str = "rollback") -> dict[str, Any]:
-    """Move ``alias`` back to the version it pointed at before its latest move."""
+def rollback(
+    name: str, alias: str = "champion", *, reason: str = "rollback", actor: str | None = None
+) -> dict[str, Any]:
+    """Move ``alias`` back to the version it pointed at before its latest move (``actor``: who
+    the history records; default the OS user)."""
     check_name(name)
     check_alias(alias)
     target = previous_version(name, alias)
@@ -120,4 +114,4 @@ def rollback(name: str, alias: str = "champion", *, reason: str = "rollback") ->
             hint=f"See its moves with `loft registry history {name}`.",
         )
     get_version(f"{name}:{target}", verify=True)  # never roll back onto a tampered version
-    return move_alias(name, alias, target, reason=reason, rollback=True)
+    return move_alias(name, alias, target, reason=reason, rollback=True, actor=actor)

@@ -27,8 +27,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from loft.core.audit import who
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
-from loft.registry.aliases import _who, append_history
+from loft.registry.aliases import append_history
 from loft.registry.names import check_name
 from loft.registry.reader import MlflowReader, RegistryReader
 from loft.registry.store import _lock, client, get_version, not_registered, reader
@@ -206,7 +207,7 @@ def _entry(
 ) -> dict[str, Any]:  # fmt: skip
     """A history entry with the keys of an alias move (``alias`` None: no alias moved)."""
     return {
-        "who": _who(actor),
+        "who": who(actor),
         "when": _now(),
         "event": event,
         "alias": None,

@@ -247,18 +247,25 @@ def _version_tags(card: dict[str, Any], path: Path) -> dict[str, str]:
 def list_models() -> list[dict[str, Any]]:
     """Each registered model: name, latest version, aliases {alias: version}, n_versions."""
     r = reader()
-    out: list[dict[str, Any]] = []
-    for name in r.names():
-        versions = r.versions(name)
-        out.append(
-            {
-                "name": name,
-                "latest": versions[-1] if versions else None,
-                "aliases": dict(sorted(_aliases(r, name).items())),
-                "n_versions": len(versions),
-            }
-        )
-    return out
+    return [_model_row(r, name) for name in r.names()]
+
+
+def list_models_page(limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """``limit`` rows of :func:`list_models` from ``offset`` (by name), and how many there are:
+    only the rows on the page are read."""
+    r = reader()
+    names = r.names()
+    return [_model_row(r, name) for name in names[offset : offset + limit]], len(names)
+
+
+def _model_row(r: RegistryReader, name: str) -> dict[str, Any]:
+    versions = r.versions(name)
+    return {
+        "name": name,
+        "latest": versions[-1] if versions else None,
+        "aliases": dict(sorted(_aliases(r, name).items())),
+        "n_versions": len(versions),
+    }
 
 
 def resolve(ref: str) -> tuple[str, int, dict[str, int]]:
@@ -413,7 +420,8 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
     and the history stays readable."""
     from datetime import UTC, datetime
 
-    from loft.registry.aliases import _who, append_history
+    from loft.core.audit import who
+    from loft.registry.aliases import append_history
 
     name, alias, version = parse_ref(ref)
     if version is None:
@@ -441,7 +449,7 @@ def delete_version(ref: str, *, reason: str = "", actor: str | None = None) -> d
         )
     mv = get_version(f"{name}:{version}", verify=False)
     entry = {
-        "who": _who(actor),
+        "who": who(actor),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "deleted": version,
         "why": reason,
