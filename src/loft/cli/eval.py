@@ -114,8 +114,10 @@ def _fmt(value: float | None, metric: str, *, signed: bool = False) -> str:
 def _print_report(console: Any, report: Any) -> None:
     from rich.table import Table
 
-    title = f"{report.ref} on {report.data} ({report.n} records)"
-    table = Table(title=title, header_style="bold")
+    # a line of its own, not the table's title: a title wraps at the table's width, which cut
+    # long paths in two (uncopyable, and `| grep` missed them)
+    console.print(f"{report.ref} on {report.data} ({report.n} records)", markup=False)
+    table = Table(header_style="bold")
     table.add_column("metric")
     table.add_column("candidate", justify="right")
     table.add_column("baseline", justify="right")
