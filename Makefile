@@ -41,10 +41,14 @@ demo: install
 	$(VENV)/bin/loft demo
 
 # Debian's PostgreSQL for the tests that run the job queue on a real server (each test session
-# starts its own cluster in a temp dir and stops it); installed once where it is missing.
+# starts its own cluster in a temp dir and stops it) and Debian's Chromium for the portal's
+# browser tests (Playwright drives it; its own browser download does not work offline);
+# installed once where missing.
 servers:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+	@test -x /usr/bin/chromium || { apt-get update -q \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
 # two workers, whole files each (module fixtures and the servers a file starts stay in one process):
 # the suite is half waiting on subprocesses and servers, so the second core is otherwise idle.

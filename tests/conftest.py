@@ -16,6 +16,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist's workers get COLUMNS=80 from it; the CLI reads COLUMNS when piped, so the
+    # suite would see tables cut to 80 columns under `make test` and whole ones without -n.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 KINDS = ("unit", "integration")
@@ -122,3 +127,38 @@ def s3_bucket(s3_server, request, monkeypatch) -> str:
     monkeypatch.setenv("LOFT_S3_ENDPOINT_URL", s3_server.endpoint)
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     return s3_server.new_bucket(name)
+
+
+@pytest.fixture(scope="module")
+def live_portal(tmp_path_factory: pytest.TempPathFactory, _session_home: Path):
+    """A real `loft portal` process over its own LOFT_HOME (models/ linked to the session's), for
+    one test module (tests/browser.py)."""
+    from browser import Portal
+    from helpers import linked_home
+
+    server = Portal(linked_home(tmp_path_factory.mktemp("portal"), _session_home))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright, one per session (tests/browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from browser import launch
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser context (no cookies) and page for one test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()

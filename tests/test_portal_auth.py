@@ -7,77 +7,32 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from loft.core import audit
-from loft.portal.app import create_app
-from loft.portal.store import PortalStore
+from portal_client import (
+    ROLES,
+    Portal,
+    check_route,
+    csrf_of,
+    matrix_cases,
+    password_of,
+    portal_for,
+    post_login,
+    sign_in,
+)
 
 pytestmark = pytest.mark.unit
-
-ROLES = ("admin", "curator", "annotator", "engineer", "viewer")
-META = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
-
-
-def password_of(name: str) -> str:
-    return f"correct horse {name} staple"
-
-
-@dataclass
-class Portal:
-    home: Path
-    store: PortalStore
-    app: object
-    tokens: dict[str, str] = field(default_factory=dict)  # role -> API token secret
-    sessions: dict[str, tuple[TestClient, str]] = field(default_factory=dict)  # role -> (c, csrf)
-
-    def client(self, **kw) -> TestClient:
-        return TestClient(self.app, **kw)
-
-    def bearer(self, role: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[role]}"}
-
-
-def post_login(client: TestClient, name: str, password: str, csrf: str | None = None):
-    """The sign-in form's POST (with the token of a freshly loaded form unless ``csrf``)."""
-    data = {"name": name, "password": password, "next": "/"}
-    data["csrf_token"] = csrf if csrf is not None else csrf_of(client.get("/login"))
-    return client.post("/login", data=data, follow_redirects=False)
-
-
-def sign_in(client: TestClient, name: str, password: str) -> str:
-    """Sign in through the form as a browser does; return the session's CSRF token."""
-    r = post_login(client, name, password)
-    assert r.status_code == 303, r.text
-    return csrf_of(client.get("/"))
-
-
-def csrf_of(response) -> str:
-    m = META.search(response.text)
-    assert m, response.text[:500]
-    return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory) -> Portal:
     """One portal for the module: a user per role (named after it), each with an API token and
     a signed-in session, plus 'target', a viewer that admins change."""
-    home = tmp_path_factory.mktemp("portal_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LOFT_HOME", str(home))
-        mp.delenv("LOFT_PORTAL_SESSION_HOURS", raising=False)
-        store = PortalStore()
-        p = Portal(home, store, create_app(store))
-        for role in ROLES:
-            store.add_user(role, role, password_of(role), actor="setup")
-            p.tokens[role] = store.create_token(role, "main", actor="setup")[1]
-            client = p.client()
-            p.sessions[role] = (client, sign_in(client, role, password_of(role)))
-        store.add_user("target", "viewer", password_of("target"), actor="setup")
+    with portal_for(tmp_path_factory.mktemp("portal_home")) as p:
+        p.store.add_user("target", "viewer", password_of("target"), actor="setup")
         yield p
 
 
@@ -96,45 +51,31 @@ API_MATRIX = {
     "GET /api/audit":               "yes   no      no        no       no",
     "GET /api/audit/verify":        "yes   no      no        no       no",
 }  # fmt: skip
-CASES = [
-    (route, role, cell == "yes")
-    for route, row in API_MATRIX.items()
-    for role, cell in zip(ROLES, row.split(), strict=True)
-]
+CASES = matrix_cases(API_MATRIX)
 
 
-def _request(portal: Portal, route: str, role: str, client: TestClient, headers: dict):
-    method, path = route.split(" ")
-    unique = uuid.uuid4().hex[:8]
-    body = None
-    if path == "/api/users":
-        body = {"name": f"new-{unique}", "role": "viewer", "password": "a long password"}
-    elif path == "/api/tokens" and method == "POST":
-        body = {"name": f"t-{unique}"}
-    elif path.startswith("/api/users/"):
-        body = {"role": "viewer"}
-    elif path.endswith("{own}"):
-        token, _ = portal.store.create_token(role, f"d-{unique}", actor="setup")
-        path = path.replace("{own}", token.id)
-    return client.request(method, path, json=body, headers=headers)
+def _send(portal: Portal, role: str):
+    def send(client: TestClient, method: str, path: str, headers: dict):
+        unique = uuid.uuid4().hex[:8]
+        body = None
+        if path == "/api/users":
+            body = {"name": f"new-{unique}", "role": "viewer", "password": "a long password"}
+        elif path == "/api/tokens" and method == "POST":
+            body = {"name": f"t-{unique}"}
+        elif path.startswith("/api/users/"):
+            body = {"role": "viewer"}
+        elif path.endswith("{own}"):
+            token, _ = portal.store.create_token(role, f"d-{unique}", actor="setup")
+            path = path.replace("{own}", token.id)
+        return client.request(method, path, json=body, headers=headers)
+
+    return send
 
 
 @pytest.mark.parametrize("via", ["token", "session"])
 @pytest.mark.parametrize(("route", "role", "allowed"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_every_role_against_every_api_route(portal, route, role, allowed, via):
-    if via == "token":
-        client, headers = portal.client(), portal.bearer(role)
-    else:
-        client, csrf = portal.sessions[role]
-        headers = {"X-CSRF-Token": csrf}
-    r = _request(portal, route, role, client, headers)
-    if allowed:
-        assert r.status_code in (200, 201), (r.status_code, r.text)
-    else:
-        assert r.status_code == 403, (r.status_code, r.text)
-        err = r.json()["error"]
-        assert err["type"] == "permission_denied"
-        assert f"{role} ({role}) may not" in err["message"]
+    check_route(portal, route, role, allowed, via, _send(portal, role))
 
 
 @pytest.mark.parametrize("route", list(API_MATRIX))

@@ -33,6 +33,11 @@ from loft.evaluate.gates import (
 )
 from loft.registry.evaluations import describe
 
+NO_MEASURING = (
+    "this promotion does not load models (the portal never does); run `loft registry promote` "
+    "or `loft eval` on the champion first"
+)
+
 
 @dataclass
 class Promotion:
@@ -60,7 +65,11 @@ class Promotion:
         }
 
 
-def _checks_for(mv: Any, gate_path: str | Path | None) -> tuple[list[Check], str]:
+def _checks_for(
+    mv: Any, gate_path: str | Path | None, gate: list[str] | None = None
+) -> tuple[list[Check], str]:
+    if gate is not None:
+        return parse_gate(list(gate), source="gate"), "given"
     if gate_path is not None:
         return load_gate(gate_path), str(gate_path)
     exprs = ((mv.card.get("lineage") or {}).get("config") or {}).get("gate") or []
@@ -75,9 +84,17 @@ def promote(
     force: bool = False,
     reason: str = "",
     progress: bool = False,
+    gate: list[str] | None = None,
+    actor: str | None = None,
+    measure: bool = True,
 ) -> Promotion:
     """Run the gate on ``ref`` against the version holding ``to``; move ``to`` when it passes
     (or ``force``).
+
+    ``gate`` (expressions, as a gate file's ``gate:`` list) replaces ``gate_path`` and the
+    config gate; ``actor`` is who the history records; ``measure=False`` never loads a model to
+    measure the champion (the portal, which imports no torch): such a check fails as not
+    comparable, saying what to evaluate.
 
     Raises GateRefused (exit code 3) when the gate fails and ``force`` is not set; the refusal
     carries the result so callers can print every check. A bare NAME (no version) or a version
@@ -93,7 +110,7 @@ def promote(
             f"`loft registry show {name}`).",
         )
     mv = get_version(ref, verify=True)  # a tampered candidate is never promoted
-    checks, source = _checks_for(mv, gate_path)
+    checks, source = _checks_for(mv, gate_path, gate)
     try:
         current = get_version(f"{name}@{to}", verify=False)
     except NotFoundError:  # no version holds the alias yet
@@ -103,7 +120,7 @@ def promote(
             f"{name}:{mv.version} already holds @{to}; there is nothing to promote.",
             hint=f"See the history with `loft registry history {name}`.",
         )
-    result = gate_on_entries(checks, mv, current, progress=progress)
+    result = gate_on_entries(checks, mv, current, progress=progress, measure=measure)
     previous = current.version if current is not None else None
     promo = Promotion(name, to, mv.version, previous, False, False, result, source)
     if not result.passed and not force:
@@ -115,8 +132,9 @@ def promote(
         )
     why = reason or ("forced past a failing gate" if not result.passed else "gate passed")
     promo.entry = move_alias(
-        name, to, mv.version, reason=why, gate=result.to_dicts(), forced=not result.passed
-    )
+        name, to, mv.version, reason=why, gate=result.to_dicts(), forced=not result.passed,
+        actor=actor,
+    )  # fmt: skip
     promo.moved, promo.forced = True, not result.passed
     return promo
 
@@ -196,9 +214,10 @@ def gate_on_entries(
     *,
     progress: bool = False,
     source: str = "gate",
+    measure: bool = True,
 ) -> GateResult:
     """Every check on evaluation entries (see the module docstring); champion measurements this
-    needs are recorded with ``source``."""
+    needs are recorded with ``source`` (with ``measure=False`` none are taken)."""
     from loft.registry import get_version
     from loft.registry.evaluations import comparable, entries_of, latest
 
@@ -207,7 +226,10 @@ def gate_on_entries(
     why_not: dict[str, str] = {}
     if champion is not None:
         relative = [c.metric for c in checks if c.relative and latest(cand, c.metric)]
-        why_not = measure_missing(cand, champion, relative, source=source, progress=progress)
+        if measure:
+            why_not = measure_missing(cand, champion, relative, source=source, progress=progress)
+        else:
+            why_not = dict.fromkeys(relative, NO_MEASURING)
         champ = entries_of(get_version(_label(champion), verify=False).card)
     rows: list[CheckResult] = []
     for check in checks:

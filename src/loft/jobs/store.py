@@ -403,6 +403,33 @@ class JobStore:
             rows = c.execute(f"{sql} ORDER BY created DESC LIMIT ?", (*params, limit)).fetchall()
         return [_row(r) for r in rows]
 
+    def page(
+        self,
+        *,
+        limit: int,
+        offset: int = 0,
+        status: str | None = None,
+        kind: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[list[Job], int]:
+        """One page of jobs, newest first, and how many match: ``limit`` rows from ``offset``,
+        only those in ``status``, of ``kind`` and by ``owner`` when given. Paged in SQL, by the
+        primary key (ids sort by submit time), so a page costs the same at any queue size."""
+        where, params = [], []
+        for column, value in (("status", status and status.upper()), ("kind", kind),
+                              ("owner", owner)):  # fmt: skip
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        cond = f" WHERE {' AND '.join(where)}" if where else ""
+        with self._read() as c:
+            total = c.execute(f"SELECT COUNT(*) FROM jobs{cond}", params).fetchone()[0]
+            rows = c.execute(
+                f"SELECT {_COLS} FROM jobs{cond} ORDER BY id DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [_row(r) for r in rows], int(total)
+
     # ------------------------------------------------------------------ workers
 
     def register_worker(self, worker_id: str, host: str, pid: int, capacity: int,

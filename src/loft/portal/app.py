@@ -22,7 +22,17 @@ from loft.core.errors import AuthenticationError, LoftError, RateLimitedError, h
 from loft.portal import auth
 from loft.portal.store import PortalStore
 from loft.portal.ui import STATIC_DIR, render
-from loft.portal.views import audit, session, tokens, users
+from loft.portal.views import (
+    audit,
+    datasets,
+    jobs,
+    labelling,
+    registry,
+    serving,
+    session,
+    tokens,
+    users,
+)
 
 log = logging.getLogger("loft.portal")
 
@@ -44,7 +54,7 @@ def create_app(store: PortalStore | None = None) -> FastAPI:
     app.state.store = store or PortalStore()
     app.state.login_throttle = auth.LoginThrottle()
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    for module in (session, users, tokens, audit):
+    for module in (session, datasets, labelling, jobs, registry, serving, users, tokens, audit):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -19,8 +19,14 @@ STATIC_DIR = HERE / "static"
 templates = Jinja2Templates(directory=HERE / "templates")
 
 # (path, title, action, what it is for): the pages that exist, in menu order. A signed-in user
-# sees those their role may open; a later page (datasets, labelling, jobs, ...) adds a row here.
+# sees those their role may open.
 PAGES = (
+    ("/datasets", "Datasets", "datasets.view", "upload datasets, their versions and reports"),
+    ("/labelling", "Labelling", "labelling.annotate", "labelling projects, your assigned records"),
+    ("/jobs", "Jobs", "jobs.view", "submit jobs, follow runs and their curves"),
+    ("/registry", "Registry", "registry.view", "model versions, lineage, promotion and rollback"),
+    ("/compare", "Compare", "registry.compare", "the same prompts through versions side by side"),
+    ("/serving", "Serving", "serving.view", "what each alias serves, traffic, latency, keys"),
     ("/tokens", "API tokens", "tokens.own", "create and revoke your personal API tokens"),
     ("/users", "Users", "users.manage", "add users, change roles, disable, reset passwords"),
     ("/audit", "Audit trail", "audit.view", "every change, who made it, and a check of the chain"),

@@ -152,3 +152,26 @@ def describe(on: Mapping[str, Any] | None) -> str:
     if kind == "run":
         return f"training run {on.get('run_id') or '?'}"
     return "declared at registration"
+
+
+def versus(card: Mapping[str, Any], champion: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Each metric of ``card`` (its newest entry) beside the champion's number measured on the
+    same basis: ``{metric, value, on, champion, delta, comparable}``; ``champion`` and ``delta``
+    are None where the champion has no comparable number (or there is no champion)."""
+    mine = entries_of(card)
+    theirs = entries_of(champion) if champion is not None else []
+    rows = []
+    for metric in dict.fromkeys(e["metric"] for e in mine):
+        entry = latest(mine, metric)
+        assert entry is not None
+        other = comparable(entry, theirs)
+        value = float(entry["value"])
+        rows.append({
+            "metric": metric,
+            "value": value,
+            "on": describe(entry.get("on")),
+            "champion": float(other["value"]) if other is not None else None,
+            "delta": value - float(other["value"]) if other is not None else None,
+            "comparable": other is not None,
+        })  # fmt: skip
+    return rows

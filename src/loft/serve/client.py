@@ -1,4 +1,9 @@
-"""Ask a running `loft serve` about itself (``GET /v1/loft/status``); stdlib only, no torch."""
+"""Ask a running `loft serve` about itself (``GET /v1/loft/status``, ``GET /metrics``) and for
+chat completions; stdlib only, no torch.
+
+The server to ask, where a caller has no ``--url`` (the portal): ``$LOFT_SERVE_URL``, else
+``serve.url`` in LOFT_HOME/settings.yaml; its key: ``$LOFT_API_KEY`` (the variables `loft serve
+status` reads)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,72 @@ from loft.core.errors import (
 )
 
 STATUS_PATH = "/v1/loft/status"
+METRICS_PATH = "/metrics"
+CHAT_PATH = "/v1/chat/completions"
+
+
+def configured() -> tuple[str | None, str | None]:
+    """(the server's URL or None when none is configured, its API key or None)."""
+    import os
+
+    from loft.core.settings import setting
+
+    url = setting("LOFT_SERVE_URL", "serve.url")
+    return (str(url) if url else None), (os.environ.get("LOFT_API_KEY") or None)
+
+
+def _root(url: str) -> str:
+    return status_url(url).removesuffix(STATUS_PATH)
+
+
+def _call(
+    url: str,
+    path: str,
+    key: str | None,
+    *,
+    body: dict | None = None,
+    timeout: float,
+    fix: str = "Start one with `loft serve` (or `loft up`), and point LOFT_SERVE_URL at it.",
+) -> bytes:
+    endpoint = _root(url) + path
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(endpoint, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        raise _http_error(endpoint, e, key) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise NotFoundError(f"no server answers at {url} ({reason}).", hint=fix) from None
+
+
+def fetch_metrics(url: str, key: str | None, *, timeout: float = 10.0) -> str:
+    """The server's Prometheus text (``GET /metrics``: a key with the metrics scope)."""
+    return _call(url, METRICS_PATH, key, timeout=timeout).decode()
+
+
+def chat(
+    url: str,
+    key: str | None,
+    model: str,
+    messages: list[dict[str, str]],
+    *,
+    max_tokens: int = 64,
+    timeout: float = 120.0,
+) -> str:
+    """The greedy reply of ``model`` (``name:version``, ``name@alias``, an adapter name or the
+    base model's name) to ``messages``."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    raw = _call(url, CHAT_PATH, key, body=body, timeout=timeout)
+    try:
+        return str(json.loads(raw)["choices"][0]["message"]["content"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LoftError(f"{_root(url)}{CHAT_PATH} did not answer with a chat completion.") from None
 
 
 def status_url(url: str) -> str:
@@ -31,19 +102,8 @@ def status_url(url: str) -> str:
 def fetch_status(url: str, key: str | None, *, timeout: float = 10.0) -> dict[str, Any]:
     """The server's status document; a LoftError that says what to do when there is none."""
     endpoint = status_url(url)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    request = urllib.request.Request(endpoint, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as e:
-        raise _http_error(endpoint, e, key) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise NotFoundError(
-            f"no server answers at {url} ({reason}).",
-            hint="Check --url (the address `loft serve` printed), or start one with `loft serve`.",
-        ) from None
+    fix = "Check --url (the address `loft serve` printed), or start one with `loft serve`."
+    body = _call(url, STATUS_PATH, key, timeout=timeout, fix=fix)
     try:
         doc = json.loads(body)
     except ValueError:

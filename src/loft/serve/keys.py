@@ -329,6 +329,19 @@ class KeyStore:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM keys {where} ORDER BY rowid")
             return [_record(r) for r in rows.fetchall()]
 
+    def list_page(
+        self, limit: int, offset: int, include_revoked: bool = False
+    ) -> tuple[list[KeyRecord], int]:
+        """``limit`` keys from ``offset`` (oldest first), and how many there are."""
+        where = "" if include_revoked else "WHERE revoked IS NULL"
+        with self._db.transaction() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM keys {where}").fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM keys {where} ORDER BY rowid LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+            return [_record(r) for r in rows.fetchall()], int(total)
+
     def revoke(self, name_or_prefix: str) -> KeyRecord:
         """Revoke the live key with this name or id; NotFoundError if there is none."""
         with self._db.transaction() as conn:

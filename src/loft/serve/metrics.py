@@ -94,3 +94,70 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """(Prometheus text exposition, its content type)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def summarise(text: str) -> list[dict[str, object]]:
+    """Per-model totals from a server's ``/metrics`` text (what ``Metrics.render`` writes):
+    ``{model, requests, errors, prompt_tokens, completion_tokens, latency_mean_s, latency_p50_s,
+    latency_p95_s}``, busiest first. Quantiles are estimated from the histogram's buckets as
+    Prometheus's ``histogram_quantile`` does (linear within a bucket)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rows: dict[str, dict[str, float]] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+
+    def row(model: str) -> dict[str, float]:
+        return rows.setdefault(model, {
+            "requests": 0.0, "errors": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0,
+            "latency_sum": 0.0, "latency_count": 0.0,
+        })  # fmt: skip
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            model = s.labels.get("model")
+            if model is None:
+                continue
+            if s.name == "loft_requests_total":
+                row(model)["requests"] += s.value
+                if int(s.labels.get("status", "200")) >= 400:
+                    row(model)["errors"] += s.value
+            elif s.name == "loft_tokens_total":
+                row(model)[f"{s.labels.get('kind')}_tokens"] = s.value
+            elif s.name == "loft_request_latency_seconds_sum":
+                row(model)["latency_sum"] = s.value
+            elif s.name == "loft_request_latency_seconds_count":
+                row(model)["latency_count"] = s.value
+            elif s.name == "loft_request_latency_seconds_bucket":
+                buckets.setdefault(model, []).append((float(s.labels["le"]), s.value))
+    out: list[dict[str, object]] = []
+    for model, r in rows.items():
+        count = r["latency_count"]
+        cumulative = sorted(buckets.get(model, []))
+        out.append({
+            "model": model,
+            "requests": int(r["requests"]),
+            "errors": int(r["errors"]),
+            "prompt_tokens": int(r.get("prompt_tokens", 0)),
+            "completion_tokens": int(r.get("completion_tokens", 0)),
+            "latency_mean_s": r["latency_sum"] / count if count else None,
+            "latency_p50_s": _quantile(0.5, cumulative),
+            "latency_p95_s": _quantile(0.95, cumulative),
+        })  # fmt: skip
+    return sorted(out, key=lambda d: (-int(d["requests"]), str(d["model"])))  # type: ignore[call-overload]
+
+
+def _quantile(q: float, cumulative: list[tuple[float, float]]) -> float | None:
+    """``histogram_quantile(q)`` over ``[(le, cumulative count)]`` sorted by ``le``."""
+    if not cumulative or cumulative[-1][1] <= 0:
+        return None
+    rank = q * cumulative[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in cumulative:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le  # beyond the largest finite bucket: its bound is all we know
+            if count == lower_count:
+                return le
+            return lower_le + (le - lower_le) * (rank - lower_count) / (count - lower_count)
+        lower_le, lower_count = le, count
+    return None

@@ -15,7 +15,9 @@ Choices worth knowing:
 * Metrics are buffered in memory with their own timestamps and written with ``log_batch`` every
   ``flush_interval_s`` seconds (or 1000 values), on :meth:`MlflowTracker.flush` and on ``finish``,
   so a training step pays only a list append. A failed write is retried at the next flush; tracking
-  trouble never stops training.
+  trouble never stops training. The interval is 5 s unless ``LOFT_TRACKING_FLUSH_S`` (or
+  ``tracking.flush_s`` in LOFT_HOME/settings.yaml) says otherwise: how often the portal's live
+  curves can move.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loft.core.errors import NotFoundError
+from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import file_lock, loft_home
 from loft.core.settings import setting
 from loft.core.specs import TrackingSpec
@@ -55,6 +57,7 @@ PARAM_CHANGED_TAG = "loft.param_changed."
 DISABLED_URIS = ("none", "off")
 MAX_KEY_LENGTH = 250
 MAX_BUFFERED_METRICS = 100_000
+DEFAULT_FLUSH_S = 5.0
 SYSTEM_PACKAGES = ("loft", "torch", "transformers", "peft", "trl", "accelerate", "mlflow")
 
 _INITIALISED: set[str] = set()
@@ -295,7 +298,7 @@ class MlflowTracker:
         tracking_uri: str,
         experiment_id: str,
         logged_params: dict[str, str] | None = None,
-        flush_interval_s: float = 5.0,
+        flush_interval_s: float = DEFAULT_FLUSH_S,
         max_pending: int = 1000,
     ) -> None:
         self.run_id: str | None = run_id
@@ -468,8 +471,27 @@ def open_tracker(
         tags={clean_key(k): param_value(v) for k, v in run_tags.items()},
     )
     return MlflowTracker(
-        client, run.info.run_id, tracking_uri=uri, experiment_id=str(experiment_id)
-    )
+        client, run.info.run_id, tracking_uri=uri, experiment_id=str(experiment_id),
+        flush_interval_s=flush_interval(),
+    )  # fmt: skip
+
+
+def flush_interval() -> float:
+    """Seconds between metric writes: LOFT_TRACKING_FLUSH_S, else ``tracking.flush_s`` in
+    LOFT_HOME/settings.yaml, else 5."""
+    raw = setting("LOFT_TRACKING_FLUSH_S", "tracking.flush_s")
+    if raw is None:
+        return DEFAULT_FLUSH_S
+    try:
+        seconds = float(raw)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ConfigError(
+            f"tracking.flush_s (LOFT_TRACKING_FLUSH_S or settings.yaml) is {raw!r}; expected "
+            "seconds above 0 and at most 3600, e.g. 5 or 0.5."
+        )
+    return seconds
 
 
 def _resume(client: MlflowClient, uri: str, run_id: str, tags: dict[str, str]) -> MlflowTracker:
@@ -494,6 +516,7 @@ def _resume(client: MlflowClient, uri: str, run_id: str, tags: dict[str, str]) -
         tracking_uri=uri,
         experiment_id=str(run.info.experiment_id),
         logged_params=dict(run.data.params),
+        flush_interval_s=flush_interval(),
     )
     tracker.set_tags({**tags, "loft.resumed": "true"})
     return tracker

@@ -65,13 +65,14 @@ def list_runs(limit: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
-def show_run(run_id_or_path: str | Path) -> dict[str, Any]:
+def show_run(run_id_or_path: str | Path, *, metrics: bool = True) -> dict[str, Any]:
     """Everything about one run: its summary fields, ``config`` (resolved.yaml) and ``metrics``.
 
     ``metrics`` maps each metric to its per-step history ``[{step, value, timestamp}]``, read from
     MLflow when the summary names an ``mlflow_run_id``; ``mlflow`` holds that run's status, params
     and store. If the store cannot be read, ``metrics_error`` says why and ``metrics`` is empty.
-    The run may be named by id, unique id prefix, MLflow run id or directory path.
+    The run may be named by id, unique id prefix, MLflow run id or directory path. With
+    ``metrics=False`` the tracking store is not read (nor mlflow imported): ``metrics`` is empty.
     """
     d = find_run_dir(run_id_or_path)
     summary = _read_json(d / SUMMARY_FILE) or {}
@@ -80,7 +81,7 @@ def show_run(run_id_or_path: str | Path) -> dict[str, Any]:
     out["config"] = config
     out["metrics"] = {}
     mlflow_run_id = summary.get("mlflow_run_id")
-    if mlflow_run_id:
+    if mlflow_run_id and metrics:
         uri = summary.get("tracking_uri") or _config_tracking_uri(config)
         try:
             history = metric_history(str(mlflow_run_id), uri)
