@@ -5,9 +5,7 @@ its answers), the reviewer's final answers, and exports.
 Records are not copied: a project pins a dataset version (``name:version``, immutable) and reads
 its records through loft.data.catalog. Every change goes into the audit trail with its actor.
 
-Assignment: with annotators ``a_0..a_{A-1}`` and overlap N (N <= A), record i goes to
-``a_{(i*N + j) mod A}`` for j < N: N distinct annotators per record, and loads that differ by at
-most one record.
+Assignment is round robin with overlap (loft.curate.model.assign).
 """
 
 from __future__ import annotations
@@ -16,9 +14,6 @@ import contextlib
 import json
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +22,7 @@ from loft.core.errors import ConfigError, NotFoundError, PermissionDeniedError
 from loft.core.sqlite import SqliteFile, migrate_component
 from loft.curate import questions as qs
 from loft.curate.agreement import by_question
+from loft.curate.model import Project, Task, assign, now_iso, task_of
 from loft.curate.questions import Question
 
 COMPONENT = "curate"
@@ -83,63 +79,6 @@ CREATE TABLE IF NOT EXISTS label_exports (
 )
 """
 MIGRATIONS: dict[int, str] = {}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-@dataclass(frozen=True)
-class Project:
-    name: str
-    dataset: str  # name:version
-    layout: str
-    records: int
-    guidelines: str
-    questions: tuple[Question, ...]
-    overlap: int
-    annotators: tuple[str, ...]
-    suggestions: str
-    created_by: str
-    created_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["questions"] = [q.to_dict() for q in self.questions]
-        d["annotators"] = list(self.annotators)
-        return d
-
-    def question(self, name: str | None, kinds: tuple[str, ...]) -> Question:
-        """The question named ``name``, else the first of ``kinds``; ConfigError if none fits."""
-        for q in self.questions:
-            if (name is None or q.name == name) and q.kind in kinds:
-                return q
-        raise ConfigError(
-            f"project {self.name!r} has no {'/'.join(kinds)} question"
-            + (f" named {name!r}" if name else "")
-            + f"; its questions: {', '.join(f'{q.name} ({q.kind})' for q in self.questions)}."
-        )
-
-
-@dataclass(frozen=True)
-class Task:
-    project: str
-    record: int
-    annotator: str
-    status: str
-    answers: dict[str, Any]
-    updated_at: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def assign(records: int, annotators: list[str], overlap: int) -> Iterator[tuple[int, str]]:
-    """``(record, annotator)`` pairs: each record to ``overlap`` distinct annotators."""
-    a = len(annotators)
-    for i in range(records):
-        for j in range(overlap):
-            yield i, annotators[(i * overlap + j) % a]
 
 
 class LabellingStore:
@@ -211,7 +150,7 @@ class LabellingStore:
                 f"cannot create labelling project {name!r}:\n  " + "\n  ".join(problems)
             )
         assert version is not None
-        now = _now()
+        now = now_iso()
         with self.connect() as conn:
             try:
                 conn.execute(
@@ -318,7 +257,7 @@ class LabellingStore:
                 f"record {record} of project {project!r} is not assigned to {annotator}.",
                 hint=f"Open /labelling/{project}/next for your next assigned record.",
             )
-        return _task(row)
+        return task_of(row)
 
     def tasks(
         self, project: str, annotator: str, limit: int, offset: int
@@ -334,7 +273,7 @@ class LabellingStore:
                 "SELECT COUNT(*) FROM label_tasks WHERE project = ? AND annotator = ?",
                 (project, annotator),
             ).fetchone()[0]
-        return [_task(r) for r in rows], total
+        return [task_of(r) for r in rows], total
 
     def next_record(self, project: str, annotator: str, *, after: int = -1) -> int | None:
         """The first record after ``after`` that ``annotator`` has still to do (pending or
@@ -424,7 +363,7 @@ class LabellingStore:
             conn.execute(
                 "UPDATE label_tasks SET status = ?, answers = ?, updated_at = ? WHERE project = ? "
                 "AND record = ? AND annotator = ?",
-                (status, json.dumps(clean), _now(), project, record, annotator),
+                (status, json.dumps(clean), now_iso(), project, record, annotator),
             )
             audit.append(
                 actor, f"labelling.{'submit' if submit else 'draft'}", f"{project}:{record}",
@@ -442,7 +381,7 @@ class LabellingStore:
             conn.execute(
                 "UPDATE label_tasks SET status = 'discarded', answers = NULL, updated_at = ? "
                 "WHERE project = ? AND record = ? AND annotator = ?",
-                (_now(), project, record, annotator),
+                (now_iso(), project, record, annotator),
             )
             audit.append(
                 actor, "labelling.discard", f"{project}:{record}",
@@ -477,7 +416,7 @@ class LabellingStore:
                 "INSERT INTO label_suggestions VALUES (?, ?, ?, ?, ?) ON CONFLICT (project, "
                 "record) DO UPDATE SET model = excluded.model, text = excluded.text, "
                 "at = excluded.at",
-                (project, record, model, text, _now()),
+                (project, record, model, text, now_iso()),
             )
 
     # -- agreement, conflicts, review ----------------------------------------------------------
@@ -498,7 +437,7 @@ class LabellingStore:
         )
         out: dict[int, list[Task]] = defaultdict(list)
         for row in rows:
-            out[row["record"]].append(_task(row))
+            out[row["record"]].append(task_of(row))
         return out
 
     def agreement(self, project: str) -> dict[str, Any]:
@@ -556,7 +495,7 @@ class LabellingStore:
             n = len(qs.record_parts(catalog.read_records(p.dataset, record, 1)[0])[1])
             clean = qs.check_answers(list(p.questions), answers, n, complete=True)
         status = "discarded" if discard else "submitted"
-        now = _now()
+        now = now_iso()
         with self.connect() as conn:
             conn.execute(
                 "INSERT INTO label_reviews VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, "
@@ -612,7 +551,7 @@ class LabellingStore:
         with self.connect() as conn:
             conn.execute(
                 "INSERT INTO label_exports VALUES (?, ?, ?, ?, ?, ?)",
-                (project, dataset, shape, records, actor, _now()),
+                (project, dataset, shape, records, actor, now_iso()),
             )
             audit.append(
                 actor, "labelling.export", project,
@@ -630,10 +569,3 @@ class LabellingStore:
                 "SELECT COUNT(*) FROM label_exports WHERE project = ?", (project,)
             ).fetchone()[0]
         return [dict(r) for r in rows], total
-
-
-def _task(row: sqlite3.Row) -> Task:
-    return Task(
-        row["project"], row["record"], row["annotator"], row["status"],
-        json.loads(row["answers"]) if row["answers"] else {}, row["updated_at"],
-    )  # fmt: skip
