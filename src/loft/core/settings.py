@@ -39,6 +39,21 @@ def setting(env: str, key: str) -> Any:
     return node
 
 
+def positive_setting(env: str, key: str, default: float, *, most: float, expected: str) -> float:
+    """A number above 0 and at most ``most`` from :func:`setting`, else ``default``; anything
+    else is a ConfigError naming both places and ``expected`` (e.g. "seconds above 0 ...")."""
+    raw = setting(env, key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value <= most:
+        raise ConfigError(f"{key} ({env} or settings.yaml) is {raw!r}; expected {expected}.")
+    return value
+
+
 # What a process on another machine (a Ray job, its ranks) needs of this one's environment:
 # loft's settings, the tracking server, object-storage credentials, Hugging Face's switches.
 FORWARDED_ENV_PREFIXES = ("LOFT_", "MLFLOW_", "AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")

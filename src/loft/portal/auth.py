@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 
 from loft.core.errors import (
     AuthenticationError,
-    ConfigError,
     PermissionDeniedError,
     RateLimitedError,
 )
@@ -72,21 +71,12 @@ def context(request: Request, via: str) -> dict[str, Any]:
 def session_hours() -> float:
     """Session lifetime: $LOFT_PORTAL_SESSION_HOURS, else ``portal.session_hours`` in
     LOFT_HOME/settings.yaml, else 12."""
-    from loft.core.settings import setting
+    from loft.core.settings import positive_setting
 
-    raw = setting("LOFT_PORTAL_SESSION_HOURS", "portal.session_hours")
-    if raw is None:
-        return DEFAULT_SESSION_HOURS
-    try:
-        hours = float(raw)
-    except (TypeError, ValueError):
-        hours = -1.0
-    if not 0 < hours <= 24 * 366:
-        raise ConfigError(
-            f"portal.session_hours (LOFT_PORTAL_SESSION_HOURS or settings.yaml) is {raw!r}; "
-            "expected a number of hours above 0 and at most a year, e.g. 12 or 0.5.",
-        )
-    return hours
+    return positive_setting(
+        "LOFT_PORTAL_SESSION_HOURS", "portal.session_hours", DEFAULT_SESSION_HOURS,
+        most=24 * 366, expected="a number of hours above 0 and at most a year, e.g. 12 or 0.5",
+    )  # fmt: skip
 
 
 def store_of(request: Request) -> PortalStore:

@@ -41,9 +41,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from loft.core.errors import ConfigError, NotFoundError
+from loft.core.errors import NotFoundError
 from loft.core.paths import file_lock, loft_home
-from loft.core.settings import setting
+from loft.core.settings import positive_setting, setting
 from loft.core.specs import TrackingSpec
 from loft.tracking.base import NullTracker, Tracker, check_status, status_for_exception
 
@@ -479,19 +479,10 @@ def open_tracker(
 def flush_interval() -> float:
     """Seconds between metric writes: LOFT_TRACKING_FLUSH_S, else ``tracking.flush_s`` in
     LOFT_HOME/settings.yaml, else 5."""
-    raw = setting("LOFT_TRACKING_FLUSH_S", "tracking.flush_s")
-    if raw is None:
-        return DEFAULT_FLUSH_S
-    try:
-        seconds = float(raw)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 < seconds <= 3600:
-        raise ConfigError(
-            f"tracking.flush_s (LOFT_TRACKING_FLUSH_S or settings.yaml) is {raw!r}; expected "
-            "seconds above 0 and at most 3600, e.g. 5 or 0.5."
-        )
-    return seconds
+    return positive_setting(
+        "LOFT_TRACKING_FLUSH_S", "tracking.flush_s", DEFAULT_FLUSH_S, most=3600,
+        expected="seconds above 0 and at most 3600, e.g. 5 or 0.5",
+    )  # fmt: skip
 
 
 def _resume(client: MlflowClient, uri: str, run_id: str, tags: dict[str, str]) -> MlflowTracker:

@@ -50,20 +50,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def max_upload_bytes() -> int:
     """$LOFT_PORTAL_MAX_UPLOAD_MB, else ``portal.max_upload_mb`` in settings.yaml, else 200."""
-    from loft.core.settings import setting
+    from loft.core.settings import positive_setting
 
-    raw = setting("LOFT_PORTAL_MAX_UPLOAD_MB", "portal.max_upload_mb")
-    if raw is None:
-        return DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
-    try:
-        mb = float(raw)
-    except (TypeError, ValueError):
-        mb = -1.0
-    if not 0 < mb <= 1024 * 1024:
-        raise ConfigError(
-            f"portal.max_upload_mb (LOFT_PORTAL_MAX_UPLOAD_MB or settings.yaml) is {raw!r}; "
-            "expected a number of megabytes above 0, e.g. 200 or 0.5."
-        )
+    mb = positive_setting(
+        "LOFT_PORTAL_MAX_UPLOAD_MB", "portal.max_upload_mb", DEFAULT_MAX_UPLOAD_MB,
+        most=1024 * 1024, expected="a number of megabytes above 0, e.g. 200 or 0.5",
+    )  # fmt: skip
     return int(mb * 1024 * 1024)
 
 
