@@ -279,8 +279,10 @@ def test_the_whole_loop_trigger_retrain_evaluate_rollout_promote(serve_bot, tmp_
         assert any(e["metric"] == "exact_match" and e["source"] == "eval" for e in evaluated)
         seen = _traffic(served["url"], 40, {"bot:1": 0.4, "bot:2": 0.9}, "loop")
         assert seen.get("bot:2", 0) >= 3 and seen.get("bot:1", 0) >= 3
-        _wait("the promotion", lambda: registry.get_version("bot@champion").version == 2, 180,
-              worker)  # fmt: skip
+        # the tick job that promotes then clears the split and removes its own schedule: wait for
+        # the whole job, not the first of its effects, before stopping the worker
+        _wait("the promotion", lambda: (registry.get_version("bot@champion").version == 2
+                                        and not list_schedules(store)), 180, worker)  # fmt: skip
     finally:
         kill_tree(worker)
     assert registry.get_split("bot") is None
