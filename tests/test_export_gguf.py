@@ -109,7 +109,41 @@ def test_gguf_reader_round_trips_every_tensor(tmp_path, tiny_model, quant):
     assert bytes(field.parts[field.data[0]]).decode() == tok.chat_template
     tokens = reader.get_field("tokenizer.ggml.tokens")
     assert len(tokens.data) == len(tok)
+    _scan_agrees_with_gguf_reader(tmp_path / "m.gguf", reader)
     del torch
+
+
+def _scan_agrees_with_gguf_reader(path: Path, reader) -> None:
+    """loft's fast header scan reads what gguf's own reader reads: every string and number
+    field, array lengths, and every tensor's name, type, shape and bytes."""
+    import numpy as np
+    from gguf.constants import GGUFValueType
+
+    from loft.export.gguf_scan import scan, tensor_data
+
+    index = scan(path, arrays=("tokenizer.ggml.tokens",))
+    assert index.fields["tokenizer.ggml.tokens"] == [
+        bytes(reader.get_field("tokenizer.ggml.tokens").parts[i]).decode()
+        for i in reader.get_field("tokenizer.ggml.tokens").data
+    ]
+    checked = 0
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "tokenizer.ggml.tokens":
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            assert index.fields[key] == len(field.data), key
+        elif field.types[0] == GGUFValueType.STRING:
+            assert index.fields[key] == bytes(field.parts[field.data[0]]).decode(), key
+        else:
+            assert index.fields[key] == field.parts[field.data[0]][0], key
+        checked += 1
+    assert checked >= 10
+    assert [t.name for t in index.tensors] == [t.name for t in reader.tensors]
+    for mine, theirs in zip(index.tensors, reader.tensors, strict=True):
+        assert mine.type == int(theirs.tensor_type) and mine.shape == tuple(theirs.shape.tolist())
+        data = tensor_data(path, mine)
+        assert data.dtype == theirs.data.dtype and data.shape == theirs.data.shape, mine.name
+        assert np.array_equal(data, theirs.data), mine.name
 
 
 def _index(reader, name: str) -> int:
@@ -226,18 +260,21 @@ def test_llama_cpp_generates_what_transformers_generates(
 def _same_q8_0(mine: Path, theirs: Path) -> None:
     """Every Q8_0 tensor of ``mine`` dequantises to within one quantisation step of llama.cpp's."""
     import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    a = {t.name: t for t in GGUFReader(str(mine)).tensors}
-    b = {t.name: t for t in GGUFReader(str(theirs)).tensors}
+    from loft.export.gguf_scan import scan, tensor_data
+
+    q8 = GGMLQuantizationType.Q8_0
+    a = {t.name: t for t in scan(mine).tensors}
+    b = {t.name: t for t in scan(theirs).tensors}
     assert a.keys() == b.keys()
     checked = 0
     for name, t in a.items():
-        if t.tensor_type != GGMLQuantizationType.Q8_0:
+        if t.type != q8:
             continue
-        assert b[name].tensor_type == GGMLQuantizationType.Q8_0, name
-        x, y = dequantize(t.data, t.tensor_type), dequantize(b[name].data, b[name].tensor_type)
+        assert b[name].type == q8, name
+        x, y = dequantize(tensor_data(mine, t), q8), dequantize(tensor_data(theirs, b[name]), q8)
         step = float(np.abs(y).max()) / 127
         assert float(np.abs(x - y).max()) <= 1.5 * step, name
         checked += 1

@@ -13,8 +13,9 @@ What llama.cpp needs that a safetensors folder does not say, done as llama.cpp's
   from ``gguf.quants``; a weight whose rows are not a multiple of the 32-value block stays f16),
   norms in f32. K-quants (q4_k_m, ...) are refused: they need llama.cpp's ``llama-quantize``.
 
-After writing, :func:`read_back` re-reads the file with ``gguf.GGUFReader`` and dequantises every
-tensor, reporting the largest error per tensor type against the weights written.
+After writing, :func:`read_back` re-reads the file (with ``gguf_scan``: the layout
+``gguf.GGUFReader`` reads, without its per-element field views) and dequantises every tensor,
+reporting the largest error per tensor type against the weights written.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def tokenizer_pre(base_manifest: dict[str, Any], explicit: str | None) -> str:
         return explicit
     src = (base_manifest.get("gguf") or {}).get("path")
     if src and Path(src).is_file():
-        from gguf import GGUFReader
+        from loft.export.gguf_scan import scan
 
-        field = GGUFReader(src).get_field("tokenizer.ggml.pre")
-        if field is not None:
-            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        pre = scan(Path(src)).fields.get("tokenizer.ggml.pre")
+        if isinstance(pre, str):
+            return pre
     raise ConfigError(
         "cannot tell llama.cpp's pre-tokenizer name for this model's tokenizer (its base was not "
         "converted from a GGUF that records it)",
@@ -230,16 +231,18 @@ def read_back(path: Path, written: dict[str, Any]) -> tuple[dict[str, int], dict
     """Every tensor of ``path`` dequantised and compared with what was written: counts and the
     largest absolute error per tensor type."""
     import numpy as np
-    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(path))
+    from loft.export.gguf_scan import scan, tensor_data
+
     types: dict[str, int] = {}
     errors: dict[str, float] = {}
     seen = set()
-    for t in reader.tensors:
-        kind = t.tensor_type.name
-        values = dequantize(t.data, t.tensor_type).astype(np.float32)
+    for t in scan(path).tensors:
+        qtype = GGMLQuantizationType(t.type)
+        kind = qtype.name
+        values = dequantize(tensor_data(path, t), qtype).astype(np.float32)
         want = written[t.name]
         err = float(np.abs(values.reshape(want.shape) - want).max())
         types[kind] = types.get(kind, 0) + 1

@@ -46,18 +46,23 @@ def cut(tokens: list[int], eos: list[int], new_tokens: int = NEW_TOKENS) -> list
 def transformers_greedy(
     model: Any, prompts: list[list[int]], eos: list[int], new_tokens: int = NEW_TOKENS
 ) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token ids), all in one left-padded batch."""
     import torch
 
-    out = []
+    if not prompts:
+        return []
+    width = max(len(ids) for ids in prompts)
+    x = torch.full((len(prompts), width), eos[0], dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for row, ids in enumerate(prompts):
+        x[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
     with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            g = model.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                do_sample=False, eos_token_id=eos, pad_token_id=eos[0],
-            )  # fmt: skip
-            out.append(cut(g[0, len(ids) :].tolist(), eos, new_tokens))
-    return out
+        g = model.generate(
+            input_ids=x, attention_mask=mask, max_new_tokens=new_tokens,
+            do_sample=False, eos_token_id=eos, pad_token_id=eos[0],
+        )  # fmt: skip
+    return [cut(row, eos, new_tokens) for row in g[:, width:].tolist()]
 
 
 def llama_greedy(
@@ -67,9 +72,15 @@ def llama_greedy(
     *,
     lora: Path | None = None,
     new_tokens: int = NEW_TOKENS,
-    threads: int = 2,
+    threads: int | None = None,
 ) -> list[list[int]]:
-    """Greedy continuations from llama.cpp (temperature 0, no repeat penalty)."""
+    """Greedy continuations from llama.cpp (temperature 0, no repeat penalty), on ``threads``
+    threads (default: torch's, which follows OMP_NUM_THREADS: llama.cpp's threads spin at each
+    barrier, so more threads than free cores make it many times slower, not faster)."""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
     try:
         import llama_cpp
     except ImportError:
