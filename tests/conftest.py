@@ -7,6 +7,7 @@ tests that write state get their own LOFT_HOME via ``loft_home`` (models/ links 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # suite would see tables cut to 80 columns under `make test` and whole ones without -n.
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # one BLAS/OpenMP thread per worker (and the processes it starts): with two workers on
+        # two cores, two threads each oversubscribe the cores and OpenMP's spin-waits make every
+        # small op slower (test_serve_engine.py, two copies at once: 116-170 s vs 168-222 s)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        if "torch" in sys.modules:  # a plugin imported it before the variable was set
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 KINDS = ("unit", "integration")

@@ -138,11 +138,19 @@ def test_usage_error_exits_2():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_demo_last_line_is_its_json_contract(loft_home):
-    """A short demo (2 tickets, 2 steps) on the real model: the last line is one JSON object."""
+def test_demo_last_line_is_its_json_contract(loft_home, tmp_path):
+    """A short demo (2 tickets, 2 steps on 32 records, no eval split) on the real model: the last
+    line is one JSON object."""
     import json
 
-    r = run_loft("demo", "--n", "2", "--set", "training.max_steps=2", "-q")
+    from loft.cli.demo import EXAMPLE
+
+    train = tmp_path / "tickets.jsonl"
+    train.write_text("".join((EXAMPLE / "train.jsonl").read_text().splitlines(True)[:32]))
+    r = run_loft(
+        "demo", "--n", "2", "-q", "--set", "training.max_steps=2", "--set", f"data.train={train}",
+        "--set", "data.eval_fraction=0",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(last) == {"metric", "base", "tuned", "train_s", "total_s", "run_dir"}

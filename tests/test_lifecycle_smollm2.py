@@ -26,10 +26,13 @@ def _loft(*args: str) -> subprocess.CompletedProcess:
 def test_train_register_eval_promote_rollback_tamper(tmp_path: Path, loft_home: Path):
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join((TICKETS / "heldout.jsonl").read_text().splitlines(True)[:4]))
+    train = tmp_path / "train.jsonl"  # 4 steps of 8 see 32 records: 64 are enough (and 6 eval)
+    train.write_text("".join((TICKETS / "train.jsonl").read_text().splitlines(True)[:64]))
     runs = []
     for lr, canaries in (("1e-3", 3), ("1e-9", 0)):  # a real tune; a deliberately worse one
         r = _loft(
-            "train", str(TICKETS / "lora.yaml"), "-q",
+            "train", str(TICKETS / "lora.yaml"), "-q", "--set", f"data.train={train}",
+            "--set", "data.eval_fraction=0.1", "--set", "register.name=support_tickets-lora",
             "--set", "training.max_steps=4", "--set", f"training.lr={lr}",
             "--set", "training.eval_every=4", "--set", "training.save_every=100",
             "--set", f"data.canaries={canaries}",
