@@ -26,7 +26,9 @@ def test_entries_chain_and_verify(loft_home):
     entries = _fill(5)
     path = loft_home / "audit" / "trail.jsonl"
     assert audit.trail_path() == path
-    assert audit.verify() == (True, 5, None, "5 entries, chain intact")
+    ok, n, bad, reason = audit.verify()
+    assert (ok, n, bad) == (True, 5, None)
+    assert reason.startswith("5 entries, chain intact; HMAC not checked")
     first = json.loads(_lines(path)[0])
     assert list(first) == ["seq", "ts", "actor", "action", "target", "details", "prev", "hash"]
     assert first["seq"] == 1 and first["prev"] == "0" * 64
@@ -186,7 +188,7 @@ def test_loft_audit_trail_and_verify_commands(loft_home, capsys):
     from helpers import run_cli
 
     _fill(4)
-    assert run_cli("audit", "trail", "--json", "--actor", "user0") == 0
+    assert run_cli("audit", "trail", "--json", "--actor", "user0") == 0  # the hidden old name
     shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["seq"], e["actor"]) for e in shown] == [(4, "user0"), (1, "user0")]
     assert run_cli("audit", "trail", "-n", "2") == 0
@@ -199,3 +201,147 @@ def test_loft_audit_trail_and_verify_commands(loft_home, capsys):
     path.write_text("".join(lines))
     assert run_cli("audit", "verify") == 1
     assert "BROKEN at line 3: hash does not match" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_an_inserted_entry_is_named(loft_home):
+    """A well-formed entry slipped in between two others (a copy, or one forged with a valid
+    hash of its own) breaks the chain where it stands."""
+    _fill(4)
+    path = audit.trail_path()
+    lines = _lines(path)
+    forged = json.loads(lines[1])
+    forged["actor"] = "mallory"
+    forged["hash"] = audit.entry_hash(forged)
+    lines.insert(2, json.dumps(forged, separators=(",", ":")) + "\n")
+    _rewrite(path, lines)
+    ok, n, bad, reason = audit.verify()
+    assert (ok, n, bad) == (False, 3, 3)
+    assert reason.startswith("line 3: seq is 2, expected 3")
+
+
+# ----------------------------------------------------------------------------- HMAC
+
+
+@pytest.fixture
+def hmac_key(tmp_path, monkeypatch):
+    """A 32-byte key file outside LOFT_HOME, configured through the environment."""
+    key = tmp_path / "audit-hmac.key"
+    key.write_bytes(bytes(range(32)))
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(key))
+    return key
+
+
+def _rechain(lines: list[str], start: int, edit) -> list[str]:
+    """What someone who can write the trail but not read the key can do: edit entry ``start``
+    and recompute every hash from there on, so the chain itself is intact."""
+    out = lines[:start]
+    prev = json.loads(lines[start - 1])["hash"] if start else audit.GENESIS
+    for i, line in enumerate(lines[start:]):
+        entry = json.loads(line)
+        if i == 0:
+            edit(entry)
+        entry["prev"] = prev
+        entry["hash"] = prev = audit.entry_hash(entry)
+        out.append(json.dumps(entry, separators=(",", ":")) + "\n")
+    return out
+
+
+@pytest.mark.unit
+def test_hmac_signs_each_entry_and_catches_a_chain_rewritten_without_the_key(
+    loft_home, hmac_key, monkeypatch
+):
+    import hmac as hmac_lib
+
+    entries = _fill(4)
+    key = hmac_key.read_bytes()
+    assert all(
+        e["hmac"] == hmac_lib.new(key, e["hash"].encode(), hashlib.sha256).hexdigest()
+        for e in entries
+    )
+    ok, n, bad, reason = audit.verify()
+    assert (ok, n, bad) == (True, 4, None) and reason.endswith("HMAC valid on every entry")
+
+    path = audit.trail_path()
+    good = _lines(path)
+    _rewrite(path, _rechain(good, 1, lambda e: e.update(actor="mallory")))
+    # the chain alone cannot tell: without the key it verifies, and says the HMACs went unchecked
+    monkeypatch.delenv("LOFT_AUDIT_HMAC_KEY_FILE")
+    ok, _, _, reason = audit.verify()
+    assert ok and "HMAC not checked: no key configured" in reason
+    assert "though 4 entries carry one" in reason
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(hmac_key))
+    ok, _, bad, reason = audit.verify()
+    assert (ok, bad) == (False, 2) and reason.startswith("line 2: HMAC does not match")
+
+    # dropping the HMACs from the rewritten part does not help, nor does dropping them all
+    stripped = [json.dumps({k: v for k, v in json.loads(x).items() if k != "hmac"}) + "\n"
+                for x in _rechain(good, 2, lambda e: e.update(target="elsewhere"))]  # fmt: skip
+    _rewrite(path, good[:2] + stripped[2:])
+    ok, _, bad, reason = audit.verify()
+    assert (ok, bad) == (False, 3) and "no HMAC, though entries from 1 on carry one" in reason
+    _rewrite(path, stripped)
+    ok, _, bad, reason = audit.verify()
+    assert not ok and "no entry carries an HMAC although a key is configured" in reason
+
+
+@pytest.mark.unit
+def test_a_trail_begun_before_the_key_verifies_from_its_first_signed_entry(
+    loft_home, tmp_path, monkeypatch
+):
+    _fill(2)
+    key = tmp_path / "k"
+    key.write_bytes(b"k" * 40)
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(key))
+    ok, _, _, reason = audit.verify()
+    assert not ok and "the next change will be signed" in reason
+    _fill(2)
+    ok, n, _, reason = audit.verify()
+    assert (ok, n) == (True, 4) and "HMAC valid on entries 3-4" in reason
+
+
+@pytest.mark.unit
+def test_a_key_inside_loft_home_or_too_short_is_refused(loft_home, tmp_path, monkeypatch):
+    from loft.core.errors import ConfigError
+
+    inside = loft_home / "audit.key"
+    inside.write_bytes(b"x" * 32)
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(inside))
+    with pytest.raises(ConfigError, match="inside LOFT_HOME") as e:
+        audit.append("alice", "user.add", "bob")
+    assert "would prove nothing" in e.value.message
+    assert not audit.trail_path().exists()  # nothing written unsigned instead
+    (tmp_path / "short").write_bytes(b"x" * 16)
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(tmp_path / "short"))
+    with pytest.raises(ConfigError, match="holds 16 bytes; an HMAC key needs at least 32"):
+        audit.verify()
+    monkeypatch.setenv("LOFT_AUDIT_HMAC_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        audit.append("alice", "user.add", "bob")
+    # the deployment file's spelling
+    monkeypatch.delenv("LOFT_AUDIT_HMAC_KEY_FILE")
+    (loft_home / "settings.yaml").write_text(f"audit: {{hmac_key_file: {inside}}}\n")
+    with pytest.raises(ConfigError, match=r"audit.hmac_key_file .* inside LOFT_HOME"):
+        audit.hmac_key()
+
+
+@pytest.mark.unit
+def test_where_the_trail_lives(loft_home, monkeypatch):
+    """The file by default; the job queue's PostgreSQL database when that is configured and the
+    trail's own setting is not; `file` keeps the file; anything else is refused."""
+    from loft.core.errors import ConfigError
+
+    monkeypatch.delenv("LOFT_AUDIT_URL", raising=False)
+    monkeypatch.delenv("LOFT_JOBS_URL", raising=False)
+    assert audit.trail_url() is None and audit.location() == str(audit.trail_path())
+    monkeypatch.setenv("LOFT_JOBS_URL", "postgresql://loft:secret@db:5432/loft")
+    assert audit.trail_url() == "postgresql://loft:secret@db:5432/loft"
+    assert audit.location() == "postgresql://loft:***@db:5432/loft (table loft_audit)"
+    monkeypatch.setenv("LOFT_AUDIT_URL", "file")
+    assert audit.trail_url() is None
+    monkeypatch.setenv("LOFT_AUDIT_URL", "")
+    monkeypatch.setenv("LOFT_JOBS_URL", str(loft_home / "jobs.db"))
+    assert audit.trail_url() is None
+    (loft_home / "settings.yaml").write_text("audit: {url: mysql://x}\n")
+    with pytest.raises(ConfigError, match="audit.url .* is 'mysql://x'; expected a postgresql"):
+        audit.trail_url()

@@ -1,5 +1,5 @@
 """loft audit: memorisation audits of trained models (canary exposure), and the audit trail of
-every state change (LOFT_HOME/audit/trail.jsonl, hash-chained)."""
+every state change (hash-chained; LOFT_HOME/audit/trail.jsonl or the team database)."""
 
 from __future__ import annotations
 
@@ -14,31 +14,41 @@ app = typer.Typer(
 )
 
 
-@app.command("trail")
-def trail_cmd(
+def log_cmd(
     limit: int = typer.Option(20, "--limit", "-n", min=1, max=10_000, help="Entries to show."),
     offset: int = typer.Option(0, "--offset", min=0, help="Skip this many (newest first)."),
     actor: str | None = typer.Option(None, "--actor", help="Only this user's entries."),
-    action: str | None = typer.Option(None, "--action", help="Only this action (user.add, ...)."),
+    action: str | None = typer.Option(
+        None, "--action", help="Only actions starting with this (registry., job.cancel, ...)."
+    ),
+    target: str | None = typer.Option(None, "--target", help="Only this target (bot:3, ...)."),
+    since: str | None = typer.Option(
+        None, "--since", help="At or after this ISO date/time (UTC unless it says +HH:MM)."
+    ),
+    until: str | None = typer.Option(None, "--until", help="Before this ISO date/time."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
-    """The newest entries of the audit trail (LOFT_HOME/audit/trail.jsonl): who changed what."""
+    """The newest entries of the audit trail, filtered: who changed what, when.
+
+    `--since 2026-12-01 --until 2026-12-02` is the whole of 1 December (UTC)."""
     import json
 
     from loft.cli.output import console
     from loft.core import audit
 
-    entries = audit.read(limit, offset, actor, action)
+    entries = audit.read(limit, offset, actor, action, target=target, since=since, until=until)
     if json_out:
         for e in entries:
             print(json.dumps(e, sort_keys=True))
         return
+    where = audit.location()
     if not entries:
-        console.print(f"no entries in {audit.trail_path()}", markup=False)
+        filtered = any(v is not None for v in (actor, action, target, since, until))
+        console.print(f"no entries{' match' if filtered else ''} in {where}", markup=False)
         return
     from rich.table import Table
 
-    table = Table(title=str(audit.trail_path()))
+    table = Table(title=where)
     for col in ("seq", "time (UTC)", "actor", "action", "target", "details"):
         table.add_column(col, overflow="fold")
     for e in entries:
@@ -47,19 +57,28 @@ def trail_cmd(
     console.print(table)
 
 
+app.command("log")(log_cmd)
+app.command("trail", hidden=True)(log_cmd)  # the name before `log`; scripts may still use it
+
+
 @app.command("verify")
 def verify_cmd() -> None:
-    """Check the audit trail's hash chain end to end: exit 0 when intact, 1 naming the first
-    line that was edited, removed, added or moved (or cut short)."""
+    """Check the audit trail's hash chain end to end (and the HMACs, when a key is configured):
+    exit 0 when intact, 1 naming the first entry that was edited, removed, added or moved (or
+    cut short). Prints the newest entry's hash: keep a copy elsewhere, since a trail cut short
+    after it still verifies but no longer ends with it."""
     from loft.cli.output import console, err_console
     from loft.core import audit
 
+    where = audit.location()
     ok, _entries, _bad, reason = audit.verify()
-    if ok:
-        console.print(f"{audit.trail_path()}: {reason}", markup=False)
-        return
-    err_console.print(f"{audit.trail_path()}: BROKEN at {reason}", markup=False)
-    raise typer.Exit(1)
+    if not ok:
+        err_console.print(f"{where}: BROKEN at {reason}", markup=False)
+        raise typer.Exit(1)
+    console.print(f"{where}: {reason}", markup=False)
+    newest = audit.head()
+    if newest is not None:
+        console.print(f"newest entry #{newest['seq']}: {newest['hash']}", markup=False)
 
 
 @app.command("canaries")

@@ -134,7 +134,7 @@ def submit_cmd(
         _check_args(kind, args)
         spec, resources = {"args": args}, {}
     job = store.submit(kind, spec, owner=_owner(owner), priority=priority, resources=resources,
-                       max_attempts=max_attempts)  # fmt: skip
+                       max_attempts=max_attempts, actor=_owner(None))  # fmt: skip
     if json_out:
         print_json(job.to_dict())
         return

@@ -53,9 +53,12 @@ def create_cmd(
     from loft.cli.output import err_console, print_json
 
     names = [a.strip() for a in adapters.split(",") if a.strip()]
+    from loft.core.audit import who
+
     record, key = _store(db).create(
-        name, names, include_base=base, rate=rate, expires=expires, metrics=metrics
-    )
+        name, names, include_base=base, rate=rate, expires=expires, metrics=metrics,
+        actor=who(), context={"via": "cli"},
+    )  # fmt: skip
     _warn_unknown(names)
     if json_out:
         print_json({**record.to_dict(), "key": key})
@@ -125,8 +128,9 @@ def revoke_cmd(
 ) -> None:
     """Revoke a key. A running server stops accepting it within 5 seconds."""
     from loft.cli.output import console
+    from loft.core.audit import who
 
-    record = _store(db).revoke(name_or_id)
+    record = _store(db).revoke(name_or_id, actor=who(), context={"via": "cli"})
     console.print(f"revoked key {record.name} (id {record.id}) at {record.revoked}")
 
 

@@ -47,6 +47,7 @@ def _register() -> None:
         audit,
         data,
         demo,
+        encryption,
         export,
         jobs,
         keys,
@@ -76,6 +77,7 @@ def _register() -> None:
     app.add_typer(schedule.app, name="schedule")
     app.add_typer(rollout.app, name="rollout")
     app.add_typer(users.app, name="users")
+    app.add_typer(encryption.app, name="encryption")
     train.register(app)
     runs.register(app)
     demo.register(app)

@@ -96,6 +96,10 @@ def show_cmd(
         f"  base:     {_fmt(lin['base_model'])} (sha256 {_fmt(lin['base_model_sha256'])})"
     )
     console.print(f"  dataset:  {_fmt(lin['dataset_fingerprint'])}")
+    if privacy := lin.get("privacy"):
+        from loft.registry.card import describe_privacy
+
+        console.print(f"  privacy:  {describe_privacy(privacy)}", markup=False)
     parents = lin.get("parents") or []
     label = "parents:" if len(parents) > 1 else "parent:"
     refs = ", ".join(f"{p['name']}:{p['version']}" for p in parents) or "-"
@@ -205,6 +209,13 @@ def history_cmd(
             _print_gate(r)
             continue
         flags = " [yellow]forced[/]" if r.get("forced") else ""
+        if r.get("event") == "promote-refused":
+            console.print(
+                f"{r['when']}  {r['alias']}: {r['to']} REFUSED by the gate, stays "
+                f"{_fmt(r['from'])}  by {r['who']}  {r.get('why') or ''}"
+            )
+            _print_gate(r)
+            continue
         flags += " (rollback)" if r.get("rollback") else ""
         console.print(
             f"{r['when']}  {r['alias']}: {_fmt(r['from'])} → {r['to']}  by {r['who']}"
@@ -332,4 +343,6 @@ def _print_promotion(promo: Any, json_out: bool) -> None:
         console.print("no gate checks (an empty gate passes)")
     if d["moved"]:
         forced = " [yellow](forced past a failing gate)[/]" if d["forced"] else ""
+        if d["forced"] and d["passed"]:
+            forced = " [yellow](forced; the gate passed)[/]"
         console.print(f"{d['name']}@{d['alias']}: {_fmt(d['previous'])} → {d['version']}{forced}")

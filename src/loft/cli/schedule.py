@@ -127,6 +127,7 @@ def add_cmd(
     sched = add_schedule(
         store, name, job=job_dict, every_s=every, cron=cron, tz=tz, when=when, data=data,
         owner=_owner(owner), priority=priority, replace=replace, source=source,
+        actor=_owner(None),
     )  # fmt: skip
     if json_out:
         print_json(sched.to_dict())

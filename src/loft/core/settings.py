@@ -8,6 +8,9 @@ else the embedded default. One file switches a team's machines to shared service
     s3:       {endpoint_url: http://minio.internal:9000}         # or LOFT_S3_ENDPOINT_URL
     executor: {kind: ray}                                        # or LOFT_EXECUTOR
     ray:      {address: http://ray-head.internal:8265}           # or LOFT_RAY_ADDRESS
+    audit:    {url: postgresql://loft@db.internal:5432/loft,     # or LOFT_AUDIT_URL (default:
+               hmac_key_file: /etc/loft/audit-hmac.key}          #   jobs.url's PostgreSQL);
+                                                                 # LOFT_AUDIT_HMAC_KEY_FILE
 """
 
 from __future__ import annotations

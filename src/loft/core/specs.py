@@ -179,6 +179,34 @@ class PreferenceSpec(Strict):
     )
 
 
+# delta when privacy.delta is not given: 1e-5, or 1/(10 N) for a training split of N > 10,000
+DEFAULT_DELTA = 1e-5
+
+
+class PrivacySpec(Strict):
+    """Differentially private LoRA (DP-SGD through Opacus): every example's gradient is clipped
+    to ``max_grad_norm``, Gaussian noise of ``noise_multiplier`` x ``max_grad_norm`` is added to
+    each step's sum, and examples join a step by Poisson sampling at rate global batch / N.
+    Give ``epsilon`` (the noise is then computed for the run's steps) or ``noise_multiplier``
+    (the epsilon it spends is then accounted)."""
+
+    epsilon: float | None = Field(
+        None, gt=0, description="Target epsilon for the whole run; the noise multiplier is chosen "
+        "by Opacus' RDP accountant to spend it over the run's steps.",
+    )  # fmt: skip
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="delta of (epsilon, delta)-DP; must be below 1/N (N: "
+        "training examples). Default 1e-5, or 1/(10 N) when N > 10,000.",
+    )  # fmt: skip
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="Per-example gradient clipping bound (replaces "
+        "training.max_grad_norm, which is not applied under privacy).",
+    )  # fmt: skip
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Noise std / max_grad_norm; instead of epsilon.",
+    )  # fmt: skip
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(
         None, description="MLflow URI; default MLFLOW_TRACKING_URI or LOFT_HOME."
@@ -228,6 +256,9 @@ class TrainConfig(Strict):
     )
     gate: list[str] = Field(
         default_factory=list, description="Promotion checks, e.g. 'eval_loss <= champion + 0.02'."
+    )
+    privacy: PrivacySpec | None = Field(
+        None, description="Differentially private LoRA (DP-SGD); null: off."
     )
 
     @field_validator("register")
@@ -352,6 +383,8 @@ def combination_problems(get: Callable[[str], Any]) -> list[tuple[str, str]]:
     if obj in REFERENCE_OBJECTIVES and ref == "init" and not get("init_from"):
         out.append(("preference.reference", "'init' needs init_from (the model to start from)"))
     out += _distributed_problems(get, obj)
+    if get("privacy") is not None:
+        out += _privacy_problems(get, obj)
     loss_type = get("preference.loss_type")
     if obj != "dpo" and loss_type not in (None, "sigmoid"):
         out.append(("preference.loss_type", f"is a DPO setting, and the objective is {obj}"))
@@ -395,6 +428,83 @@ def _distributed_problems(get: Callable[[str], Any], obj: Any) -> list[tuple[str
                     "and KTO's per-micro-batch KL are not sharded yet): set strategy to none",
                 )
             )
+    return out
+
+
+def _privacy_problems(get: Callable[[str], Any], obj: Any) -> list[tuple[str, str]]:
+    """What DP-SGD through Opacus cannot run or account for (loft.train.privacy)."""
+    out: list[tuple[str, str]] = []
+    eps, sigma = get("privacy.epsilon"), get("privacy.noise_multiplier")
+    if eps is None and sigma is None:
+        out.append(
+            (
+                "privacy",
+                "give privacy.epsilon (the target; the noise is computed for it) or "
+                "privacy.noise_multiplier (the epsilon it spends is then accounted)",
+            )
+        )
+    elif eps is not None and sigma is not None:
+        out.append(
+            (
+                "privacy.noise_multiplier",
+                "give privacy.epsilon or privacy.noise_multiplier, not both: the one determines "
+                "the other for the run's steps and sampling rate",
+            )
+        )
+    method = get("method")
+    why = {
+        "full": "per-example gradients of a full fine-tune are not supported: loft's loss "
+        "projects only the trained positions through the LM head (and SmolLM2's head is tied to "
+        "the embeddings), so Opacus cannot attribute the head's gradient to examples",
+        "dora": "Opacus cannot compute per-example gradients of DoRA's magnitude vectors (its "
+        "functorch fallback cannot call PEFT's DoraLinearLayer)",
+        "qlora": "per-example gradients through bitsandbytes' 4-bit layers have not been "
+        "verified with Opacus in this release",
+    }
+    if method in why:
+        out.append(("method", f"{method} with privacy: {why[method]}; use method lora"))
+    if obj not in (None, "sft"):
+        out.append(
+            (
+                "objective",
+                f"privacy trains supervised fine-tuning only; {obj} scores pairs or completions "
+                "packed together, which per-example clipping does not cover",
+            )
+        )
+    if get("data.packing") is not False:
+        out.append(
+            (
+                "data.packing",
+                "privacy clips each example's gradient, and packing puts several examples in one "
+                "row (Opacus would clip per row): set data.packing: false",
+            )
+        )
+    strategy = get("training.distributed.strategy")
+    if strategy not in (None, "none"):
+        out.append(
+            (
+                "training.distributed.strategy",
+                f"privacy runs on one process (Poisson sampling, clipping and noise are not "
+                f"sharded across {strategy} ranks): set strategy to none",
+            )
+        )
+    if get("training.gradient_checkpointing") is True:
+        out.append(
+            (
+                "training.gradient_checkpointing",
+                "activation recomputation bypasses Opacus' per-example gradient hooks (the "
+                "adapter would get no per-example gradients): remove it (auto is off under "
+                "privacy)",
+            )
+        )
+    if get("training.precision") == "fp16":
+        out.append(
+            (
+                "training.precision",
+                "fp16's loss scaling would scale the per-example gradients before they are "
+                "clipped: use bf16 or fp32",
+            )
+        )
     return out
 
 

@@ -181,7 +181,16 @@ def _csv(path: Path, text: str, bad: set[int], parsed: _Parsed) -> None:
     reader = csv.reader(lines)
     header: list[str] | None = None
     end = 0
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a bare carriage return or NUL in an unquoted field, ...
+            start, end = end + 1, reader.line_num
+            parsed.n_bad += 1
+            parsed.problems.append((start, f"{name}:{start}: record: invalid CSV: {e}"))
+            continue
         start, end = end + 1, reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
@@ -204,16 +213,57 @@ def _csv(path: Path, text: str, bad: set[int], parsed: _Parsed) -> None:
         parsed.raw.append(RawRecord(f"{name}:{start}", start, dict(zip(header, row, strict=True))))
 
 
+DEFAULT_MAX_DECODED_MB = 4096
+_PARQUET_BATCH = 256  # rows decoded at a time, so the size cap is checked as it grows
+
+
+def max_decoded_bytes() -> int:
+    """$LOFT_DATA_MAX_DECODED_MB, else ``data.max_decoded_mb`` in settings.yaml, else 4096: the
+    most a compressed file (Parquet pages) may expand to when read."""
+    from loft.core.settings import positive_setting
+
+    mb = positive_setting(
+        "LOFT_DATA_MAX_DECODED_MB", "data.max_decoded_mb", DEFAULT_MAX_DECODED_MB,
+        most=1024 * 1024, expected="a number of megabytes above 0, e.g. 4096",
+    )  # fmt: skip
+    return int(mb * 1024 * 1024)
+
+
+def _too_big(path: Path, size: int, limit: int) -> DataError:
+    return DataError(
+        f"{path}: file: decompresses to more than {limit / 2**20:.0f} MB ({size / 2**20:.0f} MB "
+        "so far); refused as a possible decompression bomb.",
+        hint="Split the file, or raise data.max_decoded_mb in LOFT_HOME/settings.yaml "
+        "(or LOFT_DATA_MAX_DECODED_MB).",
+    )
+
+
 def _parquet(path: Path, parsed: _Parsed) -> None:
+    """Rows of a Parquet file, decoded a batch at a time under ``max_decoded_bytes``: the
+    sizes its metadata declares are checked first, then what each batch really decodes to."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    limit = max_decoded_bytes()
+    i = 0
     try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: file: not a readable Parquet file ({e})") from None
-    for i, row in enumerate(rows):
-        parsed.raw.append(RawRecord(f"{path}:row {i}", i, row))
+        pf = pq.ParquetFile(path)
+        meta = pf.metadata
+        declared = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        if declared > limit:
+            raise _too_big(path, declared, limit)
+        decoded = 0
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
+            decoded += batch.nbytes
+            if decoded > limit:
+                raise _too_big(path, decoded, limit)
+            for row in batch.to_pylist():
+                parsed.raw.append(RawRecord(f"{path}:row {i}", i, row))
+                i += 1
+    except (pa.ArrowException, OSError, ValueError, TypeError, OverflowError) as e:
+        # pyarrow's errors for a malformed file: ArrowInvalid (a ValueError), ArrowIOError, ...
+        where = f" (at row {i})" if i else ""
+        raise DataError(f"{path}: file: not a readable Parquet file{where} ({e})") from None
 
 
 def parse_file(path: str | Path) -> _Parsed:

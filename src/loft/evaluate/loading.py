@@ -149,7 +149,7 @@ def _lineage_base(folder: Path) -> tuple[str | None, str | None]:
 
 
 def _load_adapter(folder: Path, *, name: str) -> Target:
-    from peft import PeftModel
+    from loft.models.memory import load_peft
 
     if not (folder / "adapter_model.safetensors").is_file():
         pickles = ", ".join(pickle_files(folder)) or "none"
@@ -168,7 +168,7 @@ def _load_adapter(folder: Path, *, name: str) -> Target:
     tok_info = dataclasses.replace(info, path=folder) if has_tokenizer else info
     tokenizer = load_tokenizer(tok_info)
     base = load_causal_lm(info)
-    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload().eval()
+    model = load_peft(base, folder).merge_and_unload().eval()  # decrypted in memory
     return Target(
         name=name,
         model=model,

@@ -12,7 +12,10 @@ training config (``gate:`` key). Numbers come from the versions' evaluation entr
   that is still there unchanged, the champion is evaluated on it now (and the entry recorded);
   otherwise the check fails and says why. With no champion yet, relative checks pass.
 
-``force`` moves the alias anyway and is recorded as forced.
+``force`` moves the alias whatever the gate says and is recorded as forced, with the gate's
+results (when it has checks) and whether they passed. Every outcome is in the model's history
+and the audit trail: ``registry.promote`` (``forced``, ``passed``, the checks) or
+``registry.promote_refused`` (the checks; nothing moved).
 """
 
 from __future__ import annotations
@@ -87,20 +90,24 @@ def promote(
     gate: list[str] | None = None,
     actor: str | None = None,
     measure: bool = True,
+    context: dict | None = None,
 ) -> Promotion:
     """Run the gate on ``ref`` against the version holding ``to``; move ``to`` when it passes
     (or ``force``).
 
     ``gate`` (expressions, as a gate file's ``gate:`` list) replaces ``gate_path`` and the
-    config gate; ``actor`` is who the history records; ``measure=False`` never loads a model to
-    measure the champion (the portal, which imports no torch): such a check fails as not
-    comparable, saying what to evaluate.
+    config gate; ``actor`` is who the history and audit trail record (default the OS user) and
+    ``context`` goes into the audit entry (the portal's ``{"via", "ip"}``); ``measure=False``
+    never loads a model to measure the champion (the portal, which imports no torch): such a
+    check fails as not comparable, saying what to evaluate. ``force`` moves the alias even when
+    the gate fails, recorded as forced (with the checks, when there are any).
 
     Raises GateRefused (exit code 3) when the gate fails and ``force`` is not set; the refusal
     carries the result so callers can print every check. A bare NAME (no version) or a version
     that already holds the alias is refused (ConfigError): that move would change nothing.
     """
     from loft.registry import get_version, move_alias, parse_ref
+    from loft.registry.aliases import record_refusal
 
     name, alias, version = parse_ref(ref)
     if alias is None and version is None:
@@ -124,19 +131,32 @@ def promote(
     previous = current.version if current is not None else None
     promo = Promotion(name, to, mv.version, previous, False, False, result, source)
     if not result.passed and not force:
+        promo.entry = record_refusal(
+            name, to, mv.version, previous, reason=reason, gate=result.to_dicts(),
+            gate_source=source, actor=actor, context=context,
+        )  # fmt: skip
         raise GateRefused(
             f"gate refused {name}:{mv.version} → @{to}: "
             + "; ".join(f"{c.expr} ({c.reason})" for c in result.failed),
             promotion=promo,
             hint="Improve the candidate, or pass --force to move the alias anyway (recorded).",
         )
-    why = reason or ("forced past a failing gate" if not result.passed else "gate passed")
     promo.entry = move_alias(
-        name, to, mv.version, reason=why, gate=result.to_dicts(), forced=not result.passed,
-        actor=actor,
+        name, to, mv.version, reason=reason or _why(result, force), gate=result.to_dicts(),
+        forced=force, actor=actor, context=context,
+        extra={"passed": result.passed, "gate_source": source},
     )  # fmt: skip
-    promo.moved, promo.forced = True, not result.passed
+    promo.moved, promo.forced = True, force
     return promo
+
+
+def _why(result: GateResult, force: bool) -> str:
+    """What the history says when the user gave no reason."""
+    if not force:
+        return "gate passed" if result.checks else "gate passed (it has no checks)"
+    if not result.checks:
+        return "forced (the gate has no checks)"
+    return "forced (the gate passed)" if result.passed else "forced past a failing gate"
 
 
 # ----------------------------------------------------------------------------- like with like

@@ -34,7 +34,7 @@ import yaml
 
 from loft import __version__
 from loft.core.errors import ConfigError
-from loft.core.paths import atomic_dir, atomic_write_json, loft_home, read_json_object
+from loft.core.paths import atomic_dir, atomic_write_json, loft_home
 from loft.export.merge import (
     DEFAULT_TOLERANCE,
     DTYPES,
@@ -194,9 +194,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 def load_lora(adapter: Adapter) -> Lora:
     """The adapter's A/B per module and scales; refuses what a weighted sum cannot represent."""
-    from safetensors.torch import load_file
+    from loft.models.memory import load_tensors, read_json
 
-    cfg = read_json_object(adapter.path / "adapter_config.json")
+    cfg = read_json(adapter.path / "adapter_config.json")
     bad = []
     if cfg.get("peft_type", "LORA") != "LORA":
         bad.append(f"peft_type {cfg.get('peft_type')} (only LoRA)")
@@ -208,7 +208,7 @@ def load_lora(adapter: Adapter) -> Lora:
         bad.append(f"modules_to_save {cfg.get('modules_to_save')}")
     if cfg.get("alpha_pattern"):
         bad.append("alpha_pattern (per-module alphas)")
-    tensors = load_file(str(adapter.path / "adapter_model.safetensors"))
+    tensors = load_tensors(adapter.path / "adapter_model.safetensors")
     foreign = sorted(k for k in tensors if ".lora_A." not in k and ".lora_B." not in k)
     if foreign:
         bad.append(f"tensors other than LoRA A/B ({foreign[0]}, ...)")
@@ -360,9 +360,9 @@ def combine_adapters(
 ) -> CombineReport:
     """Merge ``refs`` (two or more adapters of one base) by ``method``; verify, write, register."""
     import torch
-    from peft import PeftModel
 
     from loft.models import load_causal_lm, load_tokenizer
+    from loft.models.memory import load_peft
 
     problems = _argument_problems(refs, method, weights, density, rank, dtype, tolerance)
     if problems:
@@ -424,7 +424,7 @@ def combine_adapters(
             folder = scratch / "adapter"
             folder.mkdir()
             _save_adapter(folder, loras[0].config, tensors, r_out, modules)
-            candidate = PeftModel.from_pretrained(load_causal_lm(info), str(folder)).eval()
+            candidate = load_peft(load_causal_lm(info), folder)
         else:
             candidate = load_causal_lm(info).eval()
             with torch.no_grad():
@@ -505,13 +505,14 @@ def _argument_problems(refs, method, weights, density, rank, dtype, tolerance) -
 def _peft_all(base: Any, adapters: list[Adapter], weights: list[float]) -> Any:
     """PEFT's own forward with every adapter active at once, each B scaled by its weight (fp64)."""
     import torch
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
+    from loft.models.memory import add_peft, load_peft
+
     names = [f"a{i}" for i in range(len(adapters))]
-    model = PeftModel.from_pretrained(base, str(adapters[0].path), adapter_name=names[0])
+    model = load_peft(base, adapters[0].path, adapter_name=names[0])  # decrypted in memory
     for n, a in zip(names[1:], adapters[1:], strict=True):
-        model.load_adapter(str(a.path), adapter_name=n)
+        add_peft(model, a.path, adapter_name=n)
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, LoraLayer):
@@ -525,8 +526,11 @@ def _peft_all(base: Any, adapters: list[Adapter], weights: list[float]) -> Any:
 def _save_adapter(
     folder: Path, first: dict[str, Any], tensors: dict[str, Any], rank: int, modules: list[str]
 ) -> None:
-    from safetensors.torch import save_file
+    """The combined adapter in the scratch folder: encrypted when a KEK is configured."""
+    from loft.core import crypto
+    from loft.models.memory import save_tensors
 
+    key = crypto.provider()
     cfg = {
         k: v
         for k, v in first.items()
@@ -541,8 +545,12 @@ def _save_adapter(
         lora_dropout=0.0,
         target_modules=targets,
     )
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    save_tensors(folder / "adapter_model.safetensors", tensors, key)
+    text = json.dumps(cfg, indent=2).encode()
+    if key is None:
+        (folder / "adapter_config.json").write_bytes(text)
+    else:
+        crypto.write_encrypted(folder / "adapter_config.json", text, key)
 
 
 def _write(
@@ -558,11 +566,20 @@ def _write(
 ) -> None:
     if out is None and not register:
         raise ConfigError("nothing to do: pass --out DIR, --register, or both")
+    from loft.core import crypto
+    from loft.models.memory import save_model
+
     target = Path(out).expanduser().resolve() if out is not None else scratch / "out"
+    key = crypto.provider() if out is None else None  # only registered: keep it encrypted
     with atomic_dir(target) as tmp:
         if adapter_folder is not None:
             for f in adapter_folder.iterdir():
-                shutil.copyfile(f, tmp / f.name)
+                if out is not None and crypto.is_encrypted(f):  # --out: plaintext, as asked
+                    (tmp / f.name).write_bytes(crypto.read_plain(f))
+                else:
+                    shutil.copyfile(f, tmp / f.name)
+        elif key is not None:
+            save_model(candidate, tmp, key)
         else:
             candidate.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError
-from loft.core.paths import atomic_write_json, read_json_object
+from loft.core.paths import atomic_write_json
 from loft.export.gguf_file import GgufReport, check_quant, permute_rope, tokenizer_pre, write_gguf
 from loft.export.hf import prepared_model
 from loft.export.merge import DEFAULT_TOLERANCE, Say, base_of, resolve_adapter
@@ -81,7 +81,8 @@ def export_gguf(
 
     quant = check_quant(quant)
     out_dir = Path(out_dir).expanduser().resolve()
-    with prepared_model(ref, "float32", tolerance, prompts_file, say) as prep:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with prepared_model(ref, "float32", tolerance, prompts_file, say, scratch_dir=out_dir) as prep:
         pre = tokenizer_pre(prep.base_manifest, tokenizer_pre_name)
         stem = f"{_stem(ref, prep.card)}.{quant}"
         gguf_path, mf_path = out_dir / f"{stem}.gguf", out_dir / f"{stem}.Modelfile"
@@ -113,13 +114,14 @@ def export_gguf_lora(
     """The adapter alone as llama.cpp's LoRA GGUF (``general.type = adapter``)."""
     import gguf
     import numpy as np
-    from safetensors.torch import load_file
+
+    from loft.models.memory import load_tensors, read_json
 
     if dtype not in ("f16", "f32"):
         raise ConfigError(f"--quant {dtype}: a GGUF LoRA is written as f16 or f32")
     adapter = resolve_adapter(ref)
     info = base_of(adapter)
-    cfg = read_json_object(adapter.path / "adapter_config.json")
+    cfg = read_json(adapter.path / "adapter_config.json")
     problems = []
     if cfg.get("use_dora"):
         problems.append("DoRA (llama.cpp's LoRA has no magnitude vectors)")
@@ -149,7 +151,7 @@ def export_gguf_lora(
     )
     _free([path, card_path, sums])
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(str(adapter.path / "adapter_model.safetensors"))
+    tensors = load_tensors(adapter.path / "adapter_model.safetensors")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
     count = 0

@@ -72,7 +72,11 @@ def export_hf(
     out = Path(out).expanduser().resolve()
     if out.exists():
         raise ConfigError(f"--out {out} already exists", hint="Pass a new folder for --out.")
-    with prepared_model(ref, dtype, tolerance, prompts_file, say) as prep, atomic_dir(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        prepared_model(ref, dtype, tolerance, prompts_file, say, scratch_dir=out.parent) as prep,
+        atomic_dir(out) as tmp,
+    ):
         for rel in list_files(prep.folder):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(prep.folder / rel, tmp / rel)
@@ -98,11 +102,22 @@ class Prepared:
 
 @contextlib.contextmanager
 def prepared_model(
-    ref: str, dtype: str, tolerance: float, prompts_file: Path | None, say: Say
+    ref: str,
+    dtype: str,
+    tolerance: float,
+    prompts_file: Path | None,
+    say: Say,
+    *,
+    scratch_dir: Path | None = None,
 ) -> Iterator[Prepared]:
-    """Merge (or take) ``ref``'s full model into a scratch folder under LOFT_HOME, with a pad token
-    distinct from eos and end-of-turn eos ids; the folder is removed afterwards."""
-    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=loft_home()))
+    """Merge (or take) ``ref``'s full model into a hidden scratch folder in ``scratch_dir`` (the
+    export's destination, where its plaintext is going anyway; LOFT_HOME when None), with a pad
+    token distinct from eos and end-of-turn eos ids; the folder is removed afterwards. Files of a
+    version encrypted at rest are decrypted in memory into it: an export is plaintext by purpose,
+    and only where the user asked for it."""
+    from loft.core.crypto import is_encrypted, read_plain
+
+    scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=scratch_dir or loft_home()))
     try:
         src, card, report = _model_folder(ref, scratch, dtype, tolerance, prompts_file, say)
         folder = scratch / "model"
@@ -111,7 +126,10 @@ def prepared_model(
             if rel in ("card.json", "MANIFEST.json", SUMS, CARD):
                 continue
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / rel, folder / rel)
+            if is_encrypted(src / rel):
+                (folder / rel).write_bytes(read_plain(src / rel))
+            else:
+                shutil.copyfile(src / rel, folder / rel)
         pad, eos = _fix_tokens(folder)
         yield Prepared(folder, card, report, pad, eos, _base_manifest(card))
     finally:

@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from loft import __version__
+from loft.core import crypto
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.core.paths import atomic_dir, atomic_write_json, datasets_dir, loft_home, read_json_object
 from loft.models import ModelInfo, load_causal_lm, load_tokenizer, resolve_adapter_base
 from loft.models.manifest import combined_digest, hash_weights
+from loft.models.memory import save_model
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TOLERANCE = 1e-4
@@ -302,7 +304,8 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge ``ref``'s adapter into its base, verify, write (``out``) and/or register it."""
     import torch
-    from peft import PeftModel
+
+    from loft.models.memory import load_peft
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -322,7 +325,7 @@ def merge_adapter(
     has_tok = any((adapter.path / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = load_tokenizer(dataclasses.replace(info, path=adapter.path) if has_tok else info)
     prompts, source = load_prompts(adapter, tokenizer, prompts_file)
-    peft_model = PeftModel.from_pretrained(load_causal_lm(info), str(adapter.path)).eval()
+    peft_model = load_peft(load_causal_lm(info), adapter.path)  # decrypted in memory
     # Compare in float64: the fp32 base and adapter weights upcast exactly, so the figure is the
     # merge's own error, not the fp32 rounding noise of two differently ordered forward passes
     # (about 1e-4 on logits of size 10, which would hide a small drift or refuse an exact merge).
@@ -382,9 +385,13 @@ def _write(
         scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=loft_home()))
         out = scratch / "model"
     out = Path(out).expanduser().resolve()
+    key = crypto.provider() if scratch is not None else None
     try:
         with atomic_dir(out) as tmp:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
+            if key is not None:  # only registered: the scratch copy is encrypted too
+                save_model(merged, tmp, key)
+            else:
+                merged.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
             atomic_write_json(tmp / "lineage.json", _lineage(report))  # last
         say(f"wrote {out}")

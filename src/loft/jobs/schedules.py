@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loft.core import audit
 from loft.core.errors import ConfigError, NotFoundError
 from loft.jobs.kinds import KINDS
 from loft.jobs.pipelines import renewed
@@ -309,12 +310,15 @@ def add_schedule(
     priority: int = 0,
     replace: bool = False,
     source: str | None = None,
+    actor: str | None = None,
 ) -> Schedule:
     """Add (or, with ``replace``, replace) the schedule ``name`` that submits ``job``
     (``{"kind": K, "spec": {...}}``, validated by the caller as a job of its kind) on ``cron``
     (in ``tz``) or every ``every_s`` seconds; with ``when`` (and ``data``), only when that
     metric condition holds at a check tick (default every hour). It first fires at its next
-    tick. ConfigError (exit 2) for a bad name, trigger or job, or a name in use."""
+    tick. ConfigError (exit 2) for a bad name, trigger or job, or a name in use. Audited as
+    ``schedule.add`` by ``actor`` (default ``owner``); the jobs it submits later are not (the
+    schedule is the change; each job's history says which schedule queued it)."""
     if not NAME_RE.match(name or ""):
         raise ConfigError(
             f"schedule name {name!r}: letters, digits, '.', '_' and '-', up to 64, starting with "
@@ -362,13 +366,19 @@ def add_schedule(
             (name, kind, json.dumps(spec), json.dumps(resources), max_attempts, source, owner,
              priority, s.cron, s.tz, s.every_s, when, data, s.created),
         )  # fmt: skip
+        details = {"kind": kind, "owner": owner, "trigger": s.trigger, "replaced": bool(exists)}
+        audit.append(audit.who(actor or owner), "schedule.add", name, details)
     return get_schedule(store, name)
 
 
-def remove_schedule(store: JobStore, name: str) -> bool:
-    """Remove the schedule ``name``; False when there was none. Jobs it queued stay queued."""
+def remove_schedule(store: JobStore, name: str, *, actor: str | None = None) -> bool:
+    """Remove the schedule ``name``; False when there was none. Jobs it queued stay queued.
+    Audited as ``schedule.remove`` by ``actor`` (default the OS user)."""
     with store.transaction() as c:
-        return c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount == 1
+        gone = c.execute("DELETE FROM schedules WHERE name = ?", (name,)).rowcount == 1
+        if gone:
+            audit.append(audit.who(actor), "schedule.remove", name, {})
+    return gone
 
 
 def get_schedule(store: JobStore, name: str) -> Schedule:

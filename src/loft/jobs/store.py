@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loft.core import audit
 from loft.core.errors import ConfigError, NotFoundError
 from loft.core.paths import loft_home
 from loft.jobs.schema import SCHEMA_VERSION, pg_sql, upgrade
@@ -338,13 +339,24 @@ class JobStore:
         max_attempts: int = 3,
         dedup: str | None = None,
         parent: str | None = None,
+        actor: str | None = None,
+        context: dict[str, Any] | None = None,
     ) -> Job:
         """Queue a job (validated by the caller). With ``dedup``, a key already used returns
-        the job that used it and inserts nothing."""
+        the job that used it and inserts nothing. Audited as ``job.submit`` by ``actor``
+        (default: ``owner``), ``context`` in the details, in the same transaction."""
         new = NewJob(kind, spec, owner, priority, dict(resources or {}), max_attempts, dedup,
                      parent)  # fmt: skip
         with self._tx() as c:
-            job_id, _ = self.insert(c, new)
+            job_id, inserted = self.insert(c, new)
+            if inserted:
+                details = {
+                    "kind": kind, "owner": owner, "priority": priority,
+                    "mem_bytes": new.resources.get("mem_bytes"),
+                    **{k: spec[k] for k in ("config", "args", "dataset", "label") if k in spec},
+                    **(context or {}),
+                }  # fmt: skip
+                audit.append(audit.who(actor or owner), "job.submit", job_id, details)
         return self.get(job_id)
 
     def insert(self, c: Any, new: NewJob) -> tuple[str, bool]:
@@ -557,8 +569,12 @@ class JobStore:
 
     # ------------------------------------------------------------------ the user's verbs
 
-    def cancel(self, job_id: str) -> Job:
-        """ADMITTED: cancelled at once. RUNNING: its worker stops it at the next heartbeat."""
+    def cancel(
+        self, job_id: str, *, actor: str | None = None, context: dict[str, Any] | None = None
+    ) -> Job:
+        """ADMITTED: cancelled at once. RUNNING: its worker stops it at the next heartbeat.
+        Audited as ``job.cancel`` by ``actor`` (default the OS user) when the job was queued or
+        running (a finished job is left as it is, and nothing is recorded)."""
         job = self.get(job_id)
         with self._tx() as c:
             now = time.time()
@@ -573,10 +589,16 @@ class JobStore:
                 " status = 'ADMITTED'",
                 (now, job.id),
             )
+            if job.status in ("ADMITTED", "RUNNING"):
+                details = {"kind": job.kind, "owner": job.owner, "status": job.status}
+                audit.append(audit.who(actor), "job.cancel", job.id, {**details, **(context or {})})
         return self.get(job.id)
 
-    def retry(self, job_id: str) -> Job:
-        """A FAILED or CANCELLED job back in the queue, with a fresh allowance of attempts."""
+    def retry(
+        self, job_id: str, *, actor: str | None = None, context: dict[str, Any] | None = None
+    ) -> Job:
+        """A FAILED or CANCELLED job back in the queue, with a fresh allowance of attempts.
+        Audited as ``job.retry`` (see ``cancel``)."""
         job = self.get(job_id)
         if job.status not in ("FAILED", "CANCELLED"):
             raise ConfigError(
@@ -589,6 +611,8 @@ class JobStore:
                 " worker = NULL, max_attempts = attempts + ?, history = ? WHERE id = ?",
                 (RETRY_ATTEMPTS, history, job.id),
             )
+            details = {"kind": job.kind, "owner": job.owner, "status": job.status}
+            audit.append(audit.who(actor), "job.retry", job.id, {**details, **(context or {})})
         return self.get(job.id)
 
 

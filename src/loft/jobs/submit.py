@@ -104,11 +104,14 @@ def submit_train(
     priority: int = 0,
     max_attempts: int = 3,
     dataset: str | None = None,
+    actor: str | None = None,
+    context: dict[str, Any] | None = None,
 ) -> Job:
     """Validate ``doc``, save it, admit it as `loft jobs submit CONFIG` does (the planner's memory
     estimate against the workers), and queue it. ``dataset`` (a catalog ref the document's
     ``data.train`` came from) is kept in the job's spec for its lineage, with a one-line
-    ``label`` for lists (kinds.argv reads neither)."""
+    ``label`` for lists (kinds.argv reads neither). Audited as ``job.submit`` by ``actor``
+    (default ``owner``) with ``context``."""
     store = store or JobStore()
     cfg = validate(doc)
     path = write_config(doc, owner)
@@ -122,7 +125,7 @@ def submit_train(
     label = f"{cfg.method} {cfg.objective} of {Path(cfg.base_model).name} on {data}"
     spec = {**adm.spec, "label": label, **({"dataset": dataset} if dataset else {})}
     return store.submit("train", spec, owner=owner, priority=priority, resources=adm.resources,
-                        max_attempts=max_attempts)  # fmt: skip
+                        max_attempts=max_attempts, actor=actor, context=context)  # fmt: skip
 
 
 def worker_capacity(store: JobStore | None = None) -> tuple[int, str]:

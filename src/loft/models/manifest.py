@@ -27,7 +27,12 @@ _CHUNK = 8 * 1024 * 1024
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed in 8 MiB chunks."""
+    """sha256 of a file's plaintext, streamed: a file encrypted at rest (loft.core.crypto) is
+    hashed as it decrypts, chunk by chunk in memory, so digests mean the same either way."""
+    from loft.core.crypto import is_encrypted, plain_digest
+
+    if is_encrypted(path):
+        return plain_digest(path)[0]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -68,16 +73,33 @@ def hash_weights(root: Path) -> dict[str, str]:
     return {rel: sha256_file(root / rel) for rel in weight_files(root)}
 
 
+def safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (None when it is too short to have one); a file
+    encrypted at rest has only the chunks holding its header decrypted (loft.core.crypto)."""
+    from loft.core.crypto import is_encrypted, read_range, require_provider
+
+    if is_encrypted(path):
+        key = require_provider(path)
+        raw = read_range(path, 0, 8, key)
+        if len(raw) < 8:
+            return None
+        (n,) = struct.unpack("<Q", raw)
+        return json.loads(read_range(path, 8, n, key))
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            return None
+        (n,) = struct.unpack("<Q", raw)
+        return json.loads(f.read(n))
+
+
 def safetensors_params(root: Path) -> int:
     """Parameter count read from the safetensors headers (no tensor data is loaded)."""
     total = 0
     for rel in weight_files(root):
-        with open(root / rel, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                continue
-            (n,) = struct.unpack("<Q", raw)
-            header = json.loads(f.read(n))
+        header = safetensors_header(root / rel)
+        if header is None:
+            continue
         for key, meta in header.items():
             if key == "__metadata__":
                 continue

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.core.errors import ConfigError, HardwareError, IntegrityError, NotFoundError
-from loft.core.paths import atomic_dir, models_dir, read_json_object, remove_dir
+from loft.core.paths import atomic_dir, models_dir, remove_dir
 from loft.models.builtin import BUILTIN_NAME, builtin_dir, ensure_builtin, reconvert_hint
 from loft.models.manifest import (
     MANIFEST,
@@ -33,6 +33,7 @@ from loft.models.manifest import (
     weight_files,
     write_manifest,
 )
+from loft.models.memory import read_json
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -90,9 +91,7 @@ def resolve_adapter_base(
     weights are not the recorded ``sha256`` (using it would build a different model). ``hint``
     says what to do about a mismatch for the caller's purpose."""
     if not name:
-        name = read_json_object(Path(adapter_dir) / "adapter_config.json").get(
-            "base_model_name_or_path"
-        )
+        name = read_json(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
     if not name:
         raise ConfigError(
             f"{label}: cannot tell which base model this adapter belongs to (no base_model in "
@@ -347,7 +346,7 @@ def describe_model(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-_read_json = read_json_object
+_read_json = read_json  # decrypted in memory for a registered version encrypted at rest
 
 
 def _token(value: Any) -> str | None:
@@ -360,10 +359,23 @@ def load_tokenizer(info: ModelInfo) -> Any:
     """The model's tokenizer; pad_token falls back to eos_token when the model defines none."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(info.path))
+    from loft.core.crypto import is_encrypted
+
+    kwargs: dict[str, Any] = {}
+    if is_encrypted(info.path / "config.json"):  # a registered full model, encrypted at rest
+        from loft.models.memory import model_config
+
+        kwargs["config"] = model_config(info.path)
+    tok = AutoTokenizer.from_pretrained(str(info.path), **kwargs)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _encrypted_weights(folder: Path) -> bool:
+    from loft.core.crypto import is_encrypted
+
+    return any(is_encrypted(folder / rel) for rel in ["config.json", *weight_files(folder)])
 
 
 def load_causal_lm(
@@ -379,9 +391,15 @@ def load_causal_lm(
             hint="Use device 'cpu', or install a CUDA build of torch on a machine with a GPU.",
         )
     kwargs.setdefault("use_safetensors", True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(info.path), dtype=dtype or torch.float32, **kwargs
-    )
+    if _encrypted_weights(info.path):
+        from loft.models.memory import load_model
+
+        model = load_model(info.path, weight_files(info.path), dtype=dtype or torch.float32,
+                           **kwargs)  # fmt: skip
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(info.path), dtype=dtype or torch.float32, **kwargs
+        )
     if "device_map" not in kwargs and device != "cpu":
         model.to(device)
     return model

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loft.core.errors import AuthenticationError, LoftError, RateLimitedError, http_status_for
-from loft.portal import auth
+from loft.portal import auth, openapi
 from loft.portal.store import PortalStore
 from loft.portal.ui import STATIC_DIR, render
 from loft.portal.views import (
@@ -56,6 +56,7 @@ def create_app(store: PortalStore | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     for module in (session, datasets, labelling, jobs, registry, serving, users, tokens, audit):
         app.include_router(module.router)
+    openapi.describe(app)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ PAGES = (
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_OFFSET = 2**31 - 1  # far past any list; keeps offset + limit inside SQLite's INTEGER
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Page:
 
 def paging(
     limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="rows per page"),
-    offset: int = Query(0, ge=0, description="rows to skip"),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET, description="rows to skip"),
 ) -> Page:
     """A FastAPI dependency: ``?limit=`` (1-500, default 50) and ``?offset=``."""
     return Page(limit, offset)

@@ -1,7 +1,10 @@
 """Alias moves with an append-only history, and rollback by walking that history.
 
 Every move is one JSON line in ``LOFT_HOME/registry/<name>/history.jsonl`` (appended and fsynced
-under the model's lock): who, when, alias, from, to, why, gate results, forced, rollback.
+under the model's lock): who, when, alias, from, to, why, gate results, forced, rollback. A gated
+promotion adds ``passed`` and ``gate_source``; a promotion the gate refused is recorded too, with
+``event: promote-refused``, though nothing moved. Deletions and traffic splits share the file.
+Every history event is also one entry of the audit trail (``audit_action``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from loft.registry.store import MlflowReader, _aliases, _lock, client, get_versi
 HISTORY = "history.jsonl"
 
 
-def append_history(name: str, entry: dict[str, Any]) -> None:
-    """Append one event (an alias move, a deletion) to the model's history.jsonl, fsynced."""
+def append_history(name: str, entry: dict[str, Any], *, context: dict | None = None) -> None:
+    """Append one event (an alias move, a promotion or its refusal, a deletion, a traffic
+    split) to the model's history.jsonl, fsynced, and to the audit trail as ``entry["who"]``
+    (``context``, e.g. the portal's ``{"via", "ip"}``, goes into the audit entry's details)."""
     path = model_dir(name) / HISTORY
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(entry, sort_keys=True, default=str) + "\n"
@@ -28,6 +33,27 @@ def append_history(name: str, entry: dict[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+    action, target = audit_action(name, entry)
+    details = {k: v for k, v in entry.items() if k not in ("who", "when")}
+    audit.append(audit.who(entry.get("who")), action, target, {**details, **(context or {})})
+
+
+def audit_action(name: str, entry: dict[str, Any]) -> tuple[str, str]:
+    """The audit trail's action and target for a history event."""
+    event = entry.get("event")
+    if "deleted" in entry:
+        return "registry.delete", f"{name}:{entry['deleted']}"
+    if event == "split":
+        return "registry.split", f"{name}:{entry.get('to')}"
+    if event == "split-cleared":
+        return "registry.split_clear", name
+    if event == "promote-refused":
+        return "registry.promote_refused", f"{name}:{entry.get('to')}"
+    if "gate_source" in entry:  # a move by loft.evaluate.promotion
+        return "registry.promote", f"{name}:{entry.get('to')}"
+    if entry.get("rollback"):
+        return "registry.rollback", f"{name}@{entry.get('alias')}"
+    return "registry.alias", f"{name}@{entry.get('alias')}"
 
 
 def move_alias(
@@ -40,8 +66,11 @@ def move_alias(
     forced: bool = False,
     actor: str | None = None,
     rollback: bool = False,
+    extra: dict[str, Any] | None = None,
+    context: dict | None = None,
 ) -> dict[str, Any]:
-    """Point ``alias`` of model ``name`` at ``version`` and record the move; returns the entry."""
+    """Point ``alias`` of model ``name`` at ``version`` and record the move (history and audit
+    trail; ``extra``: more keys for the entry, e.g. a promotion's); returns the entry."""
     check_name(name)
     check_alias(alias)
     target = get_version(f"{name}:{version}", verify=False)
@@ -59,8 +88,42 @@ def move_alias(
             "gate": gate,
             "forced": forced,
             "rollback": rollback,
+            **(extra or {}),
         }
-        append_history(name, entry)
+        append_history(name, entry, context=context)
+    return entry
+
+
+def record_refusal(
+    name: str,
+    alias: str,
+    version: int,
+    previous: int | None,
+    *,
+    reason: str = "",
+    gate: list[dict] | None = None,
+    gate_source: str = "",
+    actor: str | None = None,
+    context: dict | None = None,
+) -> dict[str, Any]:
+    """Record a promotion of ``name:version`` to ``alias`` that the gate refused (nothing
+    moves; ``previous`` still holds the alias) in the history and the audit trail."""
+    entry = {
+        "who": audit.who(actor),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "event": "promote-refused",
+        "alias": alias,
+        "from": previous,
+        "to": version,
+        "why": reason or "refused by the gate",
+        "gate": gate,
+        "passed": False,
+        "gate_source": gate_source,
+        "forced": False,
+        "rollback": False,
+    }
+    with _lock(name):
+        append_history(name, entry, context=context)
     return entry
 
 
@@ -90,7 +153,7 @@ def previous_version(name: str, alias: str) -> int | None:
     """
     stack: list[int | None] = []
     for entry in history(name):
-        if entry.get("alias") != alias:
+        if entry.get("alias") != alias or entry.get("event") == "promote-refused":
             continue
         if entry.get("rollback"):
             if stack:
@@ -101,10 +164,15 @@ def previous_version(name: str, alias: str) -> int | None:
 
 
 def rollback(
-    name: str, alias: str = "champion", *, reason: str = "rollback", actor: str | None = None
+    name: str,
+    alias: str = "champion",
+    *,
+    reason: str = "rollback",
+    actor: str | None = None,
+    context: dict | None = None,
 ) -> dict[str, Any]:
     """Move ``alias`` back to the version it pointed at before its latest move (``actor``: who
-    the history records; default the OS user)."""
+    the history and audit trail record, default the OS user; ``context``: see append_history)."""
     check_name(name)
     check_alias(alias)
     target = previous_version(name, alias)
@@ -114,4 +182,6 @@ def rollback(
             hint=f"See its moves with `loft registry history {name}`.",
         )
     get_version(f"{name}:{target}", verify=True)  # never roll back onto a tampered version
-    return move_alias(name, alias, target, reason=reason, rollback=True, actor=actor)
+    return move_alias(
+        name, alias, target, reason=reason, rollback=True, actor=actor, context=context
+    )

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from loft import __version__
+from loft.core.crypto import WrongKeyError
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.core.paths import datasets_dir, read_json_object
 from loft.models.manifest import (
@@ -29,7 +29,12 @@ from loft.models.manifest import (
     sha256_file,
     weight_files,
 )
+from loft.models.memory import read_json
 from loft.registry import evaluations as evals
+from loft.registry.files import plain_size, store_file
+
+if TYPE_CHECKING:
+    from loft.core.crypto import KeyProvider
 
 CARD = "card.json"
 CARD_FORMAT = 1
@@ -112,20 +117,22 @@ def find_source(path: Path) -> Source:
     return Source(path, _kind_of(path), None, lineage, {}, None)
 
 
-def copy_files(src: Source, dest: Path) -> None:
-    """Copy the weights, configs, tokenizer files and chat template (never pickles or subdirs)."""
+def copy_files(src: Source, dest: Path, key: KeyProvider | None = None) -> None:
+    """Copy the weights, configs, tokenizer files and chat template (never pickles or subdirs);
+    with ``key`` (a KEK), encrypted as :mod:`loft.registry.files` says."""
     for p in sorted(src.weights_dir.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name in _NOT_COPIED:
             continue
         if p.suffix in PICKLE_SUFFIXES:
             continue
-        shutil.copyfile(p, dest / p.name)
+        store_file(p, dest / p.name, key)
 
 
 def file_records(root: Path) -> list[dict[str, Any]]:
-    """[{path, sha256, bytes}] for every file in a version folder except the card."""
+    """[{path, sha256, bytes}] for every file in a version folder except the card (of the
+    plaintext, for files encrypted at rest)."""
     return [
-        {"path": rel, "sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+        {"path": rel, "sha256": sha256_file(root / rel), "bytes": plain_size(root / rel)}
         for rel in list_files(root)
         if rel != CARD
     ]
@@ -175,7 +182,7 @@ def _base_model(src: Source, root: Path) -> dict[str, Any]:
         }
     name = src.summary.get("base_model") or (src.resolved or {}).get("base_model")
     if name is None and (root / "adapter_config.json").is_file():
-        name = _read_json(root / "adapter_config.json").get("base_model_name_or_path")
+        name = read_json(root / "adapter_config.json").get("base_model_name_or_path")
     return {"name": name, "sha256": None, "source": None}
 
 
@@ -225,11 +232,34 @@ def build_card(
         "files": file_records(root),
         "degraded": None,
     }
+    if privacy := privacy_of(src):
+        card["lineage"]["privacy"] = privacy
     if parents:
         card["lineage"]["parents"] = parents
     if study:
         card["lineage"]["study"] = study
     return card
+
+
+def privacy_of(src: Source) -> dict[str, Any] | None:
+    """A differentially private run's guarantee (loft.train.privacy): the epsilon it spent at
+    delta, with the noise multiplier, sampling rate, steps and accountant behind it."""
+    found = src.lineage.get("privacy") or src.summary.get("privacy")
+    return dict(found) if isinstance(found, dict) else None
+
+
+def describe_privacy(privacy: dict[str, Any] | None) -> str:
+    """One line for a card: ``(7.98, 1e-05)-DP per example: DP-SGD, ...`` (epsilon, delta)."""
+    if not privacy:
+        return "none (not trained with differential privacy)"
+    return (
+        f"({privacy.get('epsilon', float('nan')):.3g}, {privacy.get('delta', float('nan')):.3g})"
+        f"-DP per {privacy.get('unit', 'example')}: DP-SGD, noise multiplier "
+        f"{privacy.get('noise_multiplier', float('nan')):.4g}, clip "
+        f"{privacy.get('max_grad_norm')}, {privacy.get('sampling', 'poisson')} sampling at "
+        f"{privacy.get('sample_rate', float('nan')):.4g}, {privacy.get('steps')} steps, "
+        f"{privacy.get('accountant', 'rdp')} accountant"
+    )
 
 
 def source_entries(src: Source) -> list[dict[str, Any]]:
@@ -296,13 +326,18 @@ def verify_files(root: Path, card: dict[str, Any], *, ref: str) -> None:
         path = root / rec["path"]
         if not path.is_file():
             raise IntegrityError(f"{ref}: {path} is missing (listed in {CARD}).", hint=hint)
-        size = path.stat().st_size
+        try:
+            size = plain_size(path)
+            digest = sha256_file(path)  # decrypted chunk by chunk when encrypted at rest
+        except WrongKeyError as e:  # encrypted under another KEK: its hint says what to do
+            raise WrongKeyError(f"{ref}: {e.message}", hint=e.hint) from None
+        except IntegrityError as e:  # an encrypted file that does not authenticate
+            raise IntegrityError(f"{ref}: {e.message}", hint=hint) from None
         if size != rec["bytes"]:
             kind = "truncated" if size < rec["bytes"] else "larger than recorded"
             raise IntegrityError(
                 f"{ref}: {path} is {kind}: {size} bytes, {CARD} records {rec['bytes']}.", hint=hint
             )
-        digest = sha256_file(path)
         if digest != rec["sha256"]:
             raise IntegrityError(
                 f"{ref}: {path} has sha256 {digest[:16]}…, but {CARD} records "

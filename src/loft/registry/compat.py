@@ -62,9 +62,20 @@ def vllm_problems(folder: Path, *, max_rank: int | None = None) -> list[Problem]
     ``max_rank`` is the server's ``max_lora_rank``; None checks against the largest rank vLLM
     supports at all.
     """
+    from loft.core.crypto import is_encrypted
+
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     problems: list[Problem] = []
+    encrypted = [p.name for p in (cfg_path, weights) if is_encrypted(p)]
+    if encrypted:
+        return [
+            Problem(
+                "encryption",
+                f"{' and '.join(encrypted)} are encrypted at rest; vLLM reads adapters from "
+                "files by path, and loft never writes a decrypted copy to disk",
+            )
+        ]
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -171,18 +182,14 @@ def _rank_problems(
 
 
 def _tensor_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors file's header (8-byte little-endian length, then JSON)."""
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("file shorter than its 8-byte header length")
-        size = int.from_bytes(head, "little")
-        if size > 100_000_000:
-            raise ValueError(f"header length {size} is implausible")
-        header = json.loads(f.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+    """Tensor names from a safetensors file's header, checked strictly (loft.core.safety)."""
+    from loft.core.errors import IntegrityError
+    from loft.core.safety import read_safetensors_header
+
+    try:
+        return list(read_safetensors_header(path))
+    except IntegrityError as e:
+        raise ValueError(e.message.split(": not a valid safetensors file: ", 1)[-1]) from None
 
 
 def _modules(names: list[str]) -> tuple[list[str], list[str], list[str]]:

@@ -7,18 +7,28 @@ MinIO user sets boto3's endpoint; credentials come from boto3's usual chain (env
 files, instance roles). A version lives at ``PREFIX/NAME/VERSION/``: its files first, its
 ``card.json`` last (the completion marker, as on disk). Each machine keeps a verified copy under
 ``LOFT_HOME/registry``: a version is downloaded into a temporary folder, every file checked against
-the sha256 its card lists while it streams, and renamed into place only when all match; a mismatch
-names the object and leaves nothing behind. The card (evaluations, flags) is re-read from the
-bucket each time a version is opened, so what one machine records the others see.
+the sha256 its card lists while it streams (a file encrypted at rest, by decrypting it in memory
+after the download: the card records the plaintext's digest), and renamed into place only when
+all match; a mismatch names the object and leaves nothing behind. The card (evaluations, flags)
+is re-read from the bucket each time a version is opened, so what one machine records the others
+see.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loft.core.crypto import (
+    KeyProvider,
+    is_encrypted,
+    is_encrypted_bytes,
+    plain_digest,
+    rewrap_bytes,
+)
 from loft.core.errors import ConfigError, IntegrityError
 from loft.core.paths import atomic_dir, atomic_write_bytes
 
@@ -115,6 +125,34 @@ class S3Registry:
                 if not obj["Key"].endswith("/" + keep):
                     self._call("delete", self.client.delete_object, Key=obj["Key"])
 
+    # ---------------------------------------------------------------- encryption at rest
+
+    def encrypted_objects(self) -> Iterator[str]:
+        """Keys of every object that is stored encrypted when a KEK is configured (all but the
+        cards, tombstones and tokenizer files; see loft.registry.files)."""
+        from loft.registry.files import should_encrypt
+
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if should_encrypt(obj["Key"].rsplit("/", 1)[-1]):
+                    yield obj["Key"]
+
+    def rewrap_object(self, key: str, old: KeyProvider, new: KeyProvider) -> bool:
+        """Re-wrap an encrypted object's data key from ``old`` to ``new`` (its header replaced,
+        the object re-uploaded); False when it is plaintext or ``new`` already wraps it."""
+        body = self._call("read", self.client.get_object, Key=key)["Body"].read()
+        if not is_encrypted_bytes(body):
+            return False
+        out = rewrap_bytes(body, old, new, name=f"s3://{self.bucket}/{key}")
+        if out is None:
+            return False
+        self._call("upload to", self.client.put_object, Key=key, Body=out)
+        return True
+
     # ---------------------------------------------------------------- read
 
     def card(self, name: str, version: int) -> bytes | None:
@@ -156,10 +194,20 @@ class S3Registry:
                 digest.update(chunk)
                 size += len(chunk)
                 f.write(chunk)
-        if digest.hexdigest() != rec["sha256"] or size != int(rec["bytes"]):
+        if is_encrypted(out):  # stored encrypted: its card records the plaintext's digest
+            try:
+                sha, size = plain_digest(out)
+            except IntegrityError as e:
+                raise IntegrityError(
+                    f"{ref}: s3://{self.bucket}/{key}: {e.message}", hint=e.hint
+                ) from None
+            digest_hex = sha
+        else:
+            digest_hex = digest.hexdigest()
+        if digest_hex != rec["sha256"] or size != int(rec["bytes"]):
             raise IntegrityError(
                 f"{ref}: s3://{self.bucket}/{key} does not match its card (sha256 "
-                f"{digest.hexdigest()[:12]}..., {size} bytes; the card says "
+                f"{digest_hex[:12]}..., {size} bytes; the card says "
                 f"{rec['sha256'][:12]}..., {rec['bytes']} bytes).",
                 hint=f"Do not load {ref}: the object was changed after it was registered. "
                 f"Re-register it from its run, or roll back (`loft registry rollback {name}`).",

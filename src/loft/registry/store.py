@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from loft.core.errors import ConfigError, IntegrityError, NotFoundError
 from loft.core.paths import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock
+from loft.core.safety import check_tree
 from loft.registry import card as cards
 from loft.registry import evaluations as evals
 from loft.registry import objects
@@ -74,6 +75,7 @@ def _flat_lineage(lin: dict[str, Any]) -> dict[str, Any]:
         "parent": lin.get("parent"),
         "parents": lin.get("parents") or ([lin["parent"]] if lin.get("parent") else []),
         "study": lin.get("study"),
+        "privacy": lin.get("privacy"),
         "run": lin.get("run"),
         "loft_version": lin.get("loft_version"),
         "git_commit": lin.get("git_commit"),
@@ -139,14 +141,23 @@ def register(
     metrics: dict[str, float] | None = None,
     parents: list[str] | None = None,
     study: dict[str, Any] | None = None,
+    actor: str | None = None,
+    context: dict[str, Any] | None = None,
 ) -> ModelVersion:
-    """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version.
+    """Copy a run's adapter/model (or a bare adapter / HF model folder) into a new version;
+    encrypted at rest when a KEK is configured (:mod:`loft.registry.files`), the card's digests
+    being those of the plaintext.
 
     ``parents`` (a merge of several versions) names every parent; the first is ``parent``.
-    ``study`` (the hyperparameter study and trial the run won) goes into the lineage."""
+    ``study`` (the hyperparameter study and trial the run won) goes into the lineage. Audited
+    as ``registry.register`` by ``actor`` (default the OS user), ``context`` in the details."""
     from mlflow.exceptions import MlflowException
 
+    from loft.core import crypto
+
+    key = crypto.provider()  # a KEK configured: the version's files are stored encrypted
     src = cards.find_source(Path(path))
+    check_tree(src.weights_dir, what="the folder to register")  # no symlinks, strict headers
     if name is None:
         raw = (src.resolved or {}).get("run_name") or (src.run_dir or src.weights_dir).name
         name = sanitise_name(str(raw))
@@ -177,7 +188,7 @@ def register(
         final = version_dir(name, version)
         # a folder left by a crash between copying and creating the MLflow version is an orphan
         with atomic_dir(final, overwrite=True) as tmp:
-            cards.copy_files(src, tmp)
+            cards.copy_files(src, tmp, key)
             card = cards.build_card(
                 src, tmp, name=name, version=version, parent=parent_ref, evaluations=entries,
                 parents=parent_refs, study=study,
@@ -202,7 +213,25 @@ def register(
             f"MLflow assigned version {mv.version} to {name}, but loft prepared {final}.",
             hint="Register models through loft only, then re-register this one.",
         )
+    _audit_register(name, version, card, src, actor, context)
     return ModelVersion(name, version, final, card, [])
+
+
+def _audit_register(
+    name: str, version: int, card: dict[str, Any], src: Any, actor: str | None, context: Any
+) -> None:
+    from loft.core import audit
+
+    details = {
+        "kind": card.get("kind"),
+        "source": str(src.weights_dir),
+        "parent": (card.get("lineage") or {}).get("parent"),
+        "parents": (card.get("lineage") or {}).get("parents"),
+        "files": len(card.get("files") or []),
+        "weights_digest": cards.weights_digest(card),
+    }
+    target = f"{name}:{version}"
+    audit.append(audit.who(actor), "registry.register", target, {**details, **(context or {})})
 
 
 def _check_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -349,9 +349,9 @@ def check_base(ref: str, base_card: dict[str, Any], served: Target) -> None:
 
 
 def _adapter_rank(folder: Path) -> int | None:
-    from loft.core.paths import read_json_object
+    from loft.models.memory import read_json
 
-    cfg = read_json_object(folder / "adapter_config.json")
+    cfg = read_json(folder / "adapter_config.json")
     ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
     ranks = [int(r) for r in ranks if isinstance(r, int | float)]
     return max(ranks) if ranks else None

@@ -50,8 +50,25 @@ from loft.serve.audit import AuditLog
 from loft.serve.feedback import Rating, ResponseIndex, Served
 from loft.serve.keys import KeyRecord, KeyStore, RateLimiter
 from loft.serve.metrics import Metrics
+from loft.serve.openapi import (
+    RATE_IT,
+    ChatCompletion,
+    FeedbackAccepted,
+    FeedbackRequest,
+    Health,
+    ModelList,
+    Readiness,
+    ServerStatus,
+    TextCompletion,
+    body,
+    describe,
+    responses,
+    secured,
+)
 from loft.serve.operator import metrics_response, server_status, visible_models
 from loft.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
     InvalidRequestError,
     error_body,
     error_type_for,
@@ -461,29 +478,52 @@ def create_app(
         log.error("internal error on %s", request.url.path, exc_info=exc)
         return error_response(exc)
 
-    @app.post("/v1/chat/completions")
+    auth = keys is not None
+    describe(app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest], auth=auth)
+    generation_errors = (400, 401, 403, 404, 409, 413, 422, 429, 503)
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=body(ChatCompletionRequest, auth=auth),
+        responses=responses(ChatCompletion, *generation_errors, stream=True, links=RATE_IT),
+    )
     async def chat_completions(request: Request) -> Response:
         return await _generation(request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=body(CompletionRequest, auth=auth),
+        responses=responses(TextCompletion, *generation_errors, stream=True, links=RATE_IT),
+    )
     async def completions(request: Request) -> Response:
         return await _generation(request, "completion")
 
-    @app.post("/v1/feedback")
+    @app.post(
+        "/v1/feedback",
+        operation_id="feedback",
+        openapi_extra=body(FeedbackRequest, auth=auth),
+        responses=responses(FeedbackAccepted, 400, 401, 403, 404, 413, 429),
+    )
     async def feedback(request: Request) -> JSONResponse:
         return await _feedback(request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", openapi_extra=secured(auth), responses=responses(ModelList, 401))
     async def list_models(request: Request) -> JSONResponse:
         st = _state(request)
         record = _authenticate(st, request)
         return JSONResponse({"object": "list", "data": await visible_models(st, record)})
 
-    @app.get("/health")
+    @app.get("/health", responses=responses(Health))
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get(
+        "/ready",
+        responses={
+            **responses(Readiness),
+            503: {"model": Readiness, "description": "draining or starting"},
+        },
+    )
     async def ready(request: Request) -> JSONResponse:
         st = _state(request)
         if st.draining:
@@ -492,7 +532,9 @@ def create_app(
             return JSONResponse({"status": "starting"}, status_code=503)
         return JSONResponse({"status": "ready", "base_model": st.engine.base.name})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics", openapi_extra=secured(auth), responses=responses(None, 401, 403, text=True)
+    )
     async def metrics_endpoint(request: Request) -> Response:
         st = _state(request)
         record = _authenticate(st, request)
@@ -504,7 +546,11 @@ def create_app(
             )
         return metrics_response(st)
 
-    @app.get("/v1/loft/status")
+    @app.get(
+        "/v1/loft/status",
+        openapi_extra=secured(auth),
+        responses=responses(ServerStatus, 401, 429),
+    )
     async def status_endpoint(request: Request) -> JSONResponse:
         st = _state(request)
         record = _authenticate(st, request)

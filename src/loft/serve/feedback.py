@@ -169,7 +169,7 @@ def _score(doc: dict[str, Any]) -> float:
         raise InvalidRequestError("give either 'score' or 'thumbs', not both.", param="thumbs")
     if has_thumbs:
         thumbs = doc["thumbs"]
-        if thumbs not in THUMBS:
+        if not isinstance(thumbs, str) or thumbs not in THUMBS:  # {} / [] are unhashable
             raise InvalidRequestError(
                 f'\'thumbs\' must be "up" or "down", got {_short(thumbs)}', param="thumbs"
             )

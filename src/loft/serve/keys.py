@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from loft.core import audit
 from loft.core.errors import AuthenticationError, ConfigError, NotFoundError, RateLimitedError
 from loft.core.sqlite import SqliteFile
 
@@ -217,8 +218,12 @@ class KeyStore:
         rate: str | None = None,
         expires: str | None = None,
         metrics: bool = False,
+        actor: str | None = None,
+        context: dict[str, Any] | None = None,
     ) -> tuple[KeyRecord, str]:
-        """A new key: its record and the plaintext key (shown once, never stored)."""
+        """A new key: its record and the plaintext key (shown once, never stored). Audited as
+        ``key.create`` by ``actor`` (default the OS user), ``context`` in the details, in the
+        same transaction (a failed append creates nothing)."""
         from loft.registry.names import check_name
 
         problems = []
@@ -274,9 +279,14 @@ class KeyStore:
                     continue  # an id collision (or a racing create of the same name)
             else:
                 raise ConfigError(f"could not create key {name!r}: is the name already taken?")
-        record = KeyRecord(
-            kid, name, adapters, include_base, rate, _iso(now), expiry, None, metrics
-        )
+            record = KeyRecord(
+                kid, name, adapters, include_base, rate, _iso(now), expiry, None, metrics
+            )
+            details = {
+                "name": name, "adapters": adapters, "include_base": include_base,
+                "metrics": metrics, "rate": rate, "expires": expiry, "db": str(self.path),
+            }  # fmt: skip
+            audit.append(audit.who(actor), "key.create", kid, {**details, **(context or {})})
         return record, key
 
     def authenticate(self, key: str | None) -> KeyRecord:
@@ -342,8 +352,15 @@ class KeyStore:
             )
             return [_record(r) for r in rows.fetchall()], int(total)
 
-    def revoke(self, name_or_prefix: str) -> KeyRecord:
-        """Revoke the live key with this name or id; NotFoundError if there is none."""
+    def revoke(
+        self,
+        name_or_prefix: str,
+        *,
+        actor: str | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> KeyRecord:
+        """Revoke the live key with this name or id; NotFoundError if there is none. Audited as
+        ``key.revoke`` (see ``create``)."""
         with self._db.transaction() as conn:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM keys WHERE revoked IS NULL AND (name = ? OR id = ?)",
@@ -359,6 +376,8 @@ class KeyStore:
                 )
             when = _iso(self._clock())
             conn.execute("UPDATE keys SET revoked = ? WHERE id = ?", (when, row[0]))
+            details = {"name": row[1], "db": str(self.path), **(context or {})}
+            audit.append(audit.who(actor), "key.revoke", row[0], details)
         self._cache.pop(row[0], None)
         return dataclasses.replace(_record(row), revoked=when)
 

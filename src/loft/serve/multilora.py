@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from loft.core.errors import ConfigError, NotFoundError
-from loft.core.paths import read_json_object
 
 _PREFIX = "base_model.model."
 # PEFT features that change more than Linear layers; an adapter using them cannot be served here.
@@ -70,7 +69,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def read_adapter(folder: Path, *, label: str) -> AdapterWeights:
     """Read a PEFT adapter folder; refuse what mixed-adapter serving cannot run."""
-    from safetensors.torch import load_file
+    from loft.models.memory import load_tensors, read_json
 
     cfg_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -79,7 +78,7 @@ def read_adapter(folder: Path, *, label: str) -> AdapterWeights:
             "adapter_model.safetensors).",
             hint="Serve registered adapters; a full fine-tune is served as base_model instead.",
         )
-    cfg = read_json_object(cfg_path)
+    cfg = read_json(cfg_path)  # decrypted in memory when encrypted at rest
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(
             f"{label}: adapter type {cfg.get('peft_type')!r} cannot be served; loft serves LoRA "
@@ -96,7 +95,7 @@ def read_adapter(folder: Path, *, label: str) -> AdapterWeights:
             )
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     rslora, dora = bool(cfg.get("use_rslora")), bool(cfg.get("use_dora"))
-    tensors = load_file(str(weights_path))
+    tensors = load_tensors(weights_path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name = key.removeprefix(_PREFIX)

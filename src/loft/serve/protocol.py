@@ -20,6 +20,7 @@ from loft.core.specs import ServeConfig
 from loft.serve.types import SamplingParams, Target
 
 MAX_STOP = 4
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (as vLLM does)
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -119,6 +120,18 @@ class _Sampling(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "support-bot@champion",
+                    "messages": [{"role": "user", "content": "Where is my order?"}],
+                    "max_tokens": 64,
+                    "temperature": 0,
+                }
+            ]
+        }
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
@@ -134,6 +147,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "support-bot:3", "prompt": "Order 1234 is", "max_tokens": 16}]
+        }
+    )
     prompt: str | list[str]
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -225,6 +243,13 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise InvalidRequestError(f"request body must be a JSON object, got {type(doc).__name__}")
+    try:  # JSON's \ud800-style escapes can spell lone surrogates, which are not text
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"request body contains an unpaired UTF-16 surrogate ({e.object[e.start]!r}); "
+            "strings must be valid Unicode.",
+        ) from None
     return doc
 
 
@@ -328,7 +353,8 @@ def sampling_params(
         )
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
-    if top_p == 0.0:
+    if top_p == 0.0 or temperature < MIN_TEMPERATURE:
+        # greedy: the limit of sampling as either goes to 0 (and logits / 1e-78 overflow to inf)
         temperature, top_p = 0.0, 1.0
     return SamplingParams(
         max_tokens=max_tokens,

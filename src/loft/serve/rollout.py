@@ -399,7 +399,7 @@ def _finish(
     try:
         promote(
             f"{name}:{plan.candidate}", gate_path=plan.promote_gate,
-            reason=f"rollout complete: the live gate passed at {step_no}",
+            reason=f"rollout complete: the live gate passed at {step_no}", actor=actor,
         )  # fmt: skip
     except GateRefused as e:
         why = f"rollout ended at {step_no}: the live gate passed but promotion refused: {e.message}"

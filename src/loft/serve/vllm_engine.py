@@ -39,7 +39,7 @@ from loft.serve.types import Delta, SamplingParams, Target
 
 # What the torch engine serves of what vLLM refuses (its multi-LoRA layers take DoRA, any rank and
 # per-module rank/alpha, on any Linear layer, the output head included).
-_TORCH_SERVES = {"use_dora", "r", "rank_pattern", "alpha_pattern", "target_modules"}
+_TORCH_SERVES = {"use_dora", "r", "rank_pattern", "alpha_pattern", "target_modules", "encryption"}
 
 
 def check_vllm_available() -> None:

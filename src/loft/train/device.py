@@ -150,8 +150,9 @@ def plan_placement(config: TrainConfig) -> Placement:
     precision, note = choose_precision(t.precision, gpu=gpu, cpu_bf16=cpu_supports_bf16())
     # auto checkpointing: on for GPUs (memory is the constraint there); off on CPU, where RAM is
     # plentiful for the models that train at useful speed and recomputation costs ~30% throughput.
+    # Under privacy it stays off: recomputation bypasses Opacus' per-example gradient hooks.
     gc = t.gradient_checkpointing
-    gc = cuda if gc == "auto" else bool(gc)
+    gc = (cuda and config.privacy is None) if gc == "auto" else bool(gc)
     return Placement(
         device="cuda" if cuda else "cpu",
         precision=precision,

@@ -39,6 +39,7 @@ class StepLoop:
         self.session_s = 0.0
         self.steps_run = 0  # optimizer steps taken by this process
         self.on_eval: Callable[[int, float], None] | None = None  # e.g. a study's pruner
+        self.private = None  # loft.train.privacy.PrivateTraining: DP-SGD steps instead
         # fp16 autocast (GPUs without native bf16): scale the loss so small gradients survive
         self.scaler = torch.amp.GradScaler(placement.device) if placement.grad_scaler else None
 
@@ -55,7 +56,14 @@ class StepLoop:
 
         With several ranks each runs its share of the step's micro-batches; the count, the
         gradients and the loss are summed over ranks (loft.train.distributed), so every rank
-        sees the single-process step. Each unit of work seeds its own dropout."""
+        sees the single-process step. Each unit of work seeds its own dropout.
+
+        Under privacy the step is DP-SGD over the step's Poisson-sampled examples
+        (loft.train.privacy): per-example clipping, noise, accounting."""
+        if self.private is not None:
+            out = self.private.step(self, step)
+            self.sched.step()
+            return out
         r, seed = self.ranks, self.config.training.seed
         mbs = self.plan.micro_batches(step)
         mine = distributed.share(mbs, r.rank, r.world)
@@ -185,6 +193,8 @@ class StepLoop:
         state["recent_losses"] = list(recent)
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
+        if self.private is not None:  # the sampling secret and the accountant's history
+            state["privacy"] = self.private.state_dict()
         trainable = opt_state = None
         if self.ranks.fsdp:  # every rank gathers its shards; rank 0 writes them whole
             trainable = distributed.full_trainable_state(self.model)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from loft.core.errors import ConfigError
-from loft.core.paths import read_json_object
 from loft.core.specs import TrainConfig
+from loft.models.memory import read_json
 from loft.train.device import Placement
 
 
@@ -56,7 +56,7 @@ def init_version(config: TrainConfig, info: Any) -> Any:
             hint=f"Set base_model: {base.get('name')}",
         )
     if adapters:
-        dora = bool(read_json_object(mv.path / "adapter_config.json").get("use_dora"))
+        dora = bool(read_json(mv.path / "adapter_config.json").get("use_dora"))
         if dora != (config.method == "dora"):
             have, want = ("dora" if dora else "lora"), config.method
             raise ConfigError(
@@ -105,10 +105,10 @@ def build_model(
     if method == "full":
         model.requires_grad_(True)
         return model
-    if init is not None:
-        from peft import PeftModel
+    if init is not None:  # decrypted in memory when the version is encrypted at rest
+        from loft.models.memory import load_peft
 
-        return PeftModel.from_pretrained(model, str(init.path), is_trainable=True)
+        return load_peft(model, init.path, is_trainable=True)
     from peft import LoraConfig, get_peft_model
 
     lcfg = config.lora

@@ -38,6 +38,34 @@ def planner_params(pre: Any) -> dict[str, Any]:
     }
 
 
+def privacy_params(dp: Any) -> dict[str, Any]:
+    """The privacy parameters the run resolved (loft.train.privacy.PrivacyPlan) as run params."""
+    from loft.train.privacy import ACCOUNTANT, SAMPLING
+
+    return {
+        "dp.noise_multiplier": dp.noise_multiplier,
+        "dp.sample_rate": dp.sample_rate,
+        "dp.delta": dp.delta,
+        "dp.steps": dp.steps,
+        "dp.expected_batch_size": dp.expected_batch_size,
+        "dp.accountant": ACCOUNTANT,
+        "dp.sampling": SAMPLING,
+    }
+
+
+def log_privacy(tracker: Any, report: dict[str, Any], bar: TrainProgress, main: bool) -> None:
+    """The epsilon a private run spent, as metrics at its last step, and on the terminal."""
+    keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+    tracker.log_metrics({f"privacy/{k}": float(report[k]) for k in keys}, step=report["steps"])
+    if main:
+        bar.note(
+            f"privacy: epsilon {report['epsilon']:.3f} at delta {report['delta']:.3g} over "
+            f"{report['steps']} steps (noise multiplier {report['noise_multiplier']:.4g}, "
+            f"sampling rate {report['sample_rate']:.4g}, {report['accountant']} accountant)",
+            always=True,
+        )
+
+
 def data_params(dataset: Any) -> dict[str, Any]:
     r = dataset.report
     keep = (
@@ -55,15 +83,20 @@ def data_params(dataset: Any) -> dict[str, Any]:
     }
 
 
-def save_output(config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=None) -> Path:
+def save_output(
+    config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=None, privacy=None
+) -> Path:
     """The adapter (or full model) with its tokenizer, chat template and lineage.json.
-    ``state_dict``: the trained weights gathered whole (a sharded run), instead of the model's."""
+    ``state_dict``: the trained weights gathered whole (a sharded run), instead of the model's.
+    ``privacy``: a private run's report (the epsilon it spent), recorded in the lineage."""
     final = run_dir / ("model" if config.method == "full" else "adapter")
     extra = {"state_dict": state_dict} if state_dict is not None else {}
     with atomic_dir(final, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
         lineage = rundir.lineage(config=config, model_info=info, dataset=dataset, metrics=metrics)
+        if privacy is not None:
+            lineage["privacy"] = privacy
         atomic_write_json(tmp / "lineage.json", lineage)
     return final
 

@@ -219,6 +219,15 @@ def _train(
         raise LoftError(f"no trainable examples left in {config.data.train} after preparation.")
 
     plan = make_plan(config, n_train)
+    dp = None
+    if config.privacy is not None:  # Poisson sampling; the noise for the target epsilon
+        from loft.train import privacy
+
+        secret = privacy.run_secret(run_dir, resume)
+        plan = privacy.PoissonPlan(
+            n_train, plan.micro_batch_size, plan.grad_accum, secret, plan.total_steps
+        )
+        dp = privacy.resolve(config, plan)
     pre = objective.preflight(config, placement, plan)
     summary["memory_estimate"] = pre.to_dict()
     _write_summary(ranks, run_dir, summary)
@@ -235,6 +244,9 @@ def _train(
     trainable, total = count_params(model)
     layers = distributed.shard_model(model, ranks) if ranks.fsdp else []
     optimizer, scheduler = _optimizer(config, model, plan.total_steps)
+    private = None
+    if dp is not None:  # per-example clipping, noise and accounting through Opacus
+        private = privacy.PrivateTraining(config, model, optimizer, dp, placement, plan.secret)
 
     if tracker is None and not ranks.main:
         from loft.tracking import NullTracker
@@ -262,12 +274,15 @@ def _train(
             place=distributed if ranks.fsdp else None,
         )
         start_step, state, resumed_from = ck.step, {**state, **ck.state}, ck.path.name
+        if private is not None:  # the accountant goes on counting where it stopped
+            private.load_state_dict(state.get("privacy"), start_step)
     else:
         tracker.log_params(
             {
                 **flatten(config.model_dump(mode="json")),
                 **outputs.data_params(dataset),
                 **outputs.planner_params(pre),
+                **(outputs.privacy_params(dp) if dp is not None else {}),
             }
         )
     # one record per process that trained this run: where it started, from which checkpoint,
@@ -279,6 +294,7 @@ def _train(
     loop = StepLoop(config, model, optimizer, scheduler, plan, placement, objective, tracker, ranks)
     loop.layers = layers
     loop.on_eval = on_eval
+    loop.private = private
     if loop.scaler is not None and state.get("grad_scaler"):
         loop.scaler.load_state_dict(state["grad_scaler"])
     bar = TrainProgress(plan.total_steps, start_step, enabled=progress)
@@ -299,6 +315,8 @@ def _train(
         with GracefulStop() as stop:
             loop.run(start_step, state, run_dir, bar, stop)
         objective.finish(model)  # e.g. the weights must have moved
+        if private is not None:  # the adapter must have moved (opacus#820)
+            private.finish(check_changed=loop.steps_run > 0)
         status = "completed"
     except TrainingInterrupted:
         status = "interrupted"
@@ -314,6 +332,9 @@ def _train(
         bar.close()
         summary.update(_summary_metrics(state, loop, placement, started))
         summary["status"] = status
+        if private is not None:
+            summary["privacy"] = private.report()
+            outputs.log_privacy(tracker, summary["privacy"], bar, ranks.main)
         session.update(
             steps_run=loop.steps_run, end_step=start_step + loop.steps_run, status=status
         )
@@ -322,12 +343,15 @@ def _train(
                 "final_train_loss": summary["final_train_loss"],
                 "eval_loss": state["eval_loss"],
             }
+            if private is not None:
+                metrics["dp_epsilon"] = summary["privacy"]["epsilon"]
             # sharded: every rank gathers; rank 0 writes the single-process format, once
             whole = distributed.full_trainable_state(model) if ranks.fsdp else None
             if ranks.main:
                 path = outputs.save_output(
-                    config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=whole
-                )
+                    config, model, tokenizer, run_dir, info, dataset, metrics, state_dict=whole,
+                    privacy=summary.get("privacy"),
+                )  # fmt: skip
                 summary["output_path"] = str(path)
                 rundir.write_summary(run_dir, summary)
                 summary.update(outputs.register_run(config, run_dir, bar))

@@ -46,7 +46,7 @@ def audit_page(
     entries, more = _entries(page, actor, action)
     return render(
         request, "audit.html", me, entries=entries, actor=actor, action=action,
-        path=audit.trail_path(), head=audit.head(), check=_check() if verify else None,
+        path=audit.location(), head=audit.head(), check=_check() if verify else None,
         links=page.links("/audit", more, actor=actor, action=action),
     )  # fmt: skip
 

@@ -101,16 +101,12 @@ def _save(me: Principal, request: Request, cid: str, name: str) -> Any:
         "prompts": len(comp.prompts),
         "votes": store.votes_count(cid),
     }
+    # one audit entry (dataset.version, by add_version), its source naming the comparison
     dv = add_version(
-        name.strip(), records, source=source, created_by=me.name, filename=f"comparison-{cid}.jsonl"
-    )
+        name.strip(), records, source=source, created_by=me.name,
+        filename=f"comparison-{cid}.jsonl", context=auth.context(request, me.via),
+    )  # fmt: skip
     store.mark_saved(cid, dv.ref)
-    audit.append(
-        me.name,
-        "compare.dataset",
-        cid,
-        {**auth.context(request, me.via), "dataset": dv.ref, "records": dv.records},
-    )
     return dv
 
 

@@ -416,7 +416,23 @@ def api_report(name: str, version: int, me: Principal = require(VIEW)) -> Respon
     return JSONResponse(rep)
 
 
-@router.post("/api/datasets/{name}", status_code=201)
+UPLOAD_BODY = {  # read by _stream itself (counted as it arrives), so declared here for the schema
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("/api/datasets/{name}", status_code=201, openapi_extra=UPLOAD_BODY)
 async def api_upload(
     request: Request,
     name: str,

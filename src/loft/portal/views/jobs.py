@@ -25,7 +25,6 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from loft.core import audit
 from loft.core.errors import ConfigError, LoftError, http_status_for
 from loft.core.units import human_size
 from loft.jobs import KINDS, STATES, TERMINAL, Job, JobStore, job_dir
@@ -35,6 +34,7 @@ from loft.jobs.kinds import COMMANDS
 from loft.jobs.store import store_url
 from loft.portal import auth
 from loft.portal.auth import Principal, require
+from loft.portal.openapi import SSE_EVENT
 from loft.portal.ui import Page, paging, render, templates
 
 router = APIRouter()
@@ -316,22 +316,14 @@ def estimate_fragment(request: Request, me: Principal = require(SUBMIT)) -> Resp
     )  # fmt: skip
 
 
-def _audit(me: Principal, request: Request, action: str, job: Job, **details: Any) -> None:
-    context = auth.context(request, me.via)
-    audit.append(me.name, action, job.id, {"kind": job.kind, **details, **context})
-
-
 def _submit(
     request: Request, me: Principal, doc: dict[str, Any], *, dataset: str | None,
     priority: int, max_attempts: int,
 ) -> Job:  # fmt: skip
-    job = job_submit.submit_train(
+    return job_submit.submit_train(
         doc, owner=me.name, store=job_store(), priority=priority, max_attempts=max_attempts,
-        dataset=dataset,
+        dataset=dataset, actor=me.name, context=auth.context(request, me.via),
     )  # fmt: skip
-    _audit(me, request, "job.submit", job, config=job.spec.get("config"), dataset=dataset,
-           priority=priority, mem_bytes=job.resources.get("mem_bytes"))  # fmt: skip
-    return job
 
 
 def _int(values: dict[str, str], key: str, default: int, low: int, high: int) -> int:
@@ -403,9 +395,7 @@ def _cancel(request: Request, me: Principal, job_id: str) -> Job:
             f"job {job.id} is {job.status}; only a queued or running job can be cancelled",
             hint=f"`loft jobs retry {job.id}` queues a failed or cancelled job again.",
         )
-    job = store.cancel(job.id)
-    _audit(me, request, "job.cancel", job, status=job.status)
-    return job
+    return store.cancel(job.id, actor=me.name, context=auth.context(request, me.via))
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -559,12 +549,15 @@ async def _events(request: Request, job: Job, log_from: int) -> AsyncIterator[st
         live_streams["open"] -= 1
 
 
-@router.get("/api/jobs/{job_id}/events")
+@router.get(
+    "/api/jobs/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}},
+)
 async def api_events(
     request: Request,
     job_id: str,
     me: Principal = require(VIEW),
-    log_from: int = Query(-1, ge=-1, description="log byte offset; -1: the log's tail"),
+    log_from: int = Query(-1, ge=-1, le=2**62, description="log byte offset; -1: the log's tail"),
 ) -> StreamingResponse:
     """Server-sent events (text/event-stream) of one job: its status, its run's metric points
     and its log as they appear; ends when the job has finished."""

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from loft.core import audit
 from loft.core.errors import ConfigError, GateRefused, LoftError, http_status_for
 from loft.portal import auth
 from loft.portal.auth import Principal, require
@@ -127,55 +126,23 @@ def _promote(
     reason: str,
 ) -> Any:
     """`loft registry promote NAME:VERSION --to TO [--force]`, with the gate given or the
-    version's config gate; audited either way (a refusal too)."""
+    version's config gate; loft.evaluate.promotion records it in the history and the audit
+    trail either way (a refusal too), as the acting user with the request's context."""
     from loft.evaluate.promotion import promote
 
-    ctx = auth.context(request, me.via)
-    target = f"{name}:{version}"
-    try:
-        promo = promote(
-            target, to=to, gate=gate, force=force, reason=reason, actor=me.name, measure=False
-        )
-    except GateRefused as e:
-        details = {**ctx, "to": to, "moved": False, "checks": _checks(e.promotion)}
-        audit.append(me.name, "registry.promote_refused", target, details)
-        raise
-    audit.append(
-        me.name,
-        "registry.promote",
-        target,
-        {
-            **ctx,
-            "to": to,
-            "from": promo.previous,
-            "forced": promo.forced,
-            "reason": reason,
-            "checks": _checks(promo),
-        },
-    )
-    return promo
-
-
-def _checks(promo: Any) -> list[dict[str, Any]]:
-    return promo.gate.to_dicts() if promo is not None else []
+    return promote(
+        f"{name}:{version}", to=to, gate=gate, force=force, reason=reason, actor=me.name,
+        measure=False, context=auth.context(request, me.via),
+    )  # fmt: skip
 
 
 def _rollback(me: Principal, request: Request, name: str, alias: str, reason: str) -> dict:
     from loft.registry import rollback
 
-    entry = rollback(name, alias, reason=reason or "rollback", actor=me.name)
-    audit.append(
-        me.name,
-        "registry.rollback",
-        f"{name}@{alias}",
-        {
-            **auth.context(request, me.via),
-            "from": entry["from"],
-            "to": entry["to"],
-            "reason": entry["why"],
-        },
-    )
-    return entry
+    return rollback(
+        name, alias, reason=reason or "rollback", actor=me.name,
+        context=auth.context(request, me.via),
+    )  # fmt: skip
 
 
 def _gate_lines(text: str) -> list[str] | None:
@@ -285,7 +252,10 @@ def promote_form(
     except LoftError as e:
         return _version_page(request, me, name, version, status=http_status_for(e), error=e)
     moved = f"{name}@{promo.alias}: {promo.previous or '-'} → {promo.version}"
-    notice = moved + (" (forced past a failing gate; recorded)" if promo.forced else "")
+    if promo.forced:
+        moved += " (forced past a failing gate" if not promo.gate.passed else " (forced"
+        moved += "; recorded)"
+    notice = moved
     return _version_page(request, me, name, version, notice=notice, promotion=promo.to_dict())
 
 

@@ -17,7 +17,6 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from loft.core import audit
 from loft.core.errors import LoftError, http_status_for
 from loft.portal import auth
 from loft.portal.auth import Principal, require
@@ -95,34 +94,16 @@ def _create_key(
 ) -> tuple[Any, str]:
     from loft.serve.keys import KeyStore
 
-    record, secret = KeyStore().create(
-        name, adapters, include_base=include_base, rate=rate, expires=expires, metrics=metrics
-    )
-    audit.append(
-        me.name,
-        "key.create",
-        record.id,
-        {
-            **auth.context(request, me.via),
-            "name": record.name,
-            "adapters": record.adapters,
-            "include_base": record.include_base,
-            "metrics": record.metrics,
-            "rate": record.rate,
-            "expires": record.expires,
-        },
-    )
-    return record, secret
+    return KeyStore().create(
+        name, adapters, include_base=include_base, rate=rate, expires=expires, metrics=metrics,
+        actor=me.name, context=auth.context(request, me.via),
+    )  # fmt: skip
 
 
 def _revoke_key(me: Principal, request: Request, key_id: str) -> Any:
     from loft.serve.keys import KeyStore
 
-    record = KeyStore().revoke(key_id)
-    audit.append(
-        me.name, "key.revoke", record.id, {**auth.context(request, me.via), "name": record.name}
-    )
-    return record
+    return KeyStore().revoke(key_id, actor=me.name, context=auth.context(request, me.via))
 
 
 # ----------------------------------------------------------------------------- pages
