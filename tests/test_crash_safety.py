@@ -55,8 +55,8 @@ def die():
 
 real_copy = card.copy_files
 
-def dying_copy_files(src, dest):  # mid-copy: the weights half written
-    real_copy(src, dest)
+def dying_copy_files(src, dest, key=None):  # mid-copy: the weights half written
+    real_copy(src, dest, key)
     weights = dest / "adapter_model.safetensors"
     os.truncate(weights, os.path.getsize(weights) // 2)
     die()

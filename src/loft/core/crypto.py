@@ -27,13 +27,11 @@ and, for a chunk, its index. Decryption happens in memory: nothing here writes p
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from loft.core.errors import ConfigError, IntegrityError
+from loft.core.paths import atomic_file
 
 MAGIC = b"LOFTENC"
 VERSION = 1
@@ -350,31 +349,12 @@ def encrypt_bytes(data: bytes, key: KeyProvider, *, chunk_size: int = CHUNK_SIZE
     return out.getvalue()
 
 
-@contextlib.contextmanager
-def _atomic_out(dest: Path) -> Iterator[BinaryIO]:
-    """A temp file beside ``dest``, fsynced and renamed over it when the block succeeds."""
-    from loft.core.paths import fsync_dir
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
-
-
 def encrypt_to(
     src: Path | str, dest: Path | str, key: KeyProvider, *, chunk_size: int = CHUNK_SIZE
 ) -> int:
     """Encrypt the file ``src`` into ``dest`` (temp + fsync + rename); plaintext bytes read."""
     dest = Path(dest)
-    with open(src, "rb") as f, _atomic_out(dest) as out:
+    with open(src, "rb") as f, atomic_file(dest) as out:
         return encrypt_stream(f, out, key, chunk_size=chunk_size)
 
 
@@ -396,7 +376,7 @@ def write_encrypted(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_out(path) as out:
+    with atomic_file(path) as out:
         encrypt_stream(io.BytesIO(data), out, key, chunk_size=chunk_size)
 
 
